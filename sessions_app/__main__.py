@@ -1,0 +1,3 @@
+from sessions_app.app import main
+
+main()

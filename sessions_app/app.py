@@ -1,0 +1,54 @@
+"""The Faust application, built from Settings; `main()` is the `sessions-app` console script."""
+
+from __future__ import annotations
+
+import sys
+
+import faust
+
+from sessions_app.settings import Settings, SettingsError
+
+
+def load_settings() -> Settings:
+    """Read the settings, or stop with exit status 2 and one line naming the bad variable."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"sessions-app: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+settings = load_settings()
+
+app = faust.App(
+    settings.app_id,
+    broker=settings.broker_url,
+    store="rocksdb://",
+    datadir=settings.data_dir,
+    topic_partitions=settings.partitions,
+    # Never lose the start of a partition nobody has committed yet.
+    consumer_auto_offset_reset="earliest",
+    broker_session_timeout=settings.broker_session_timeout,
+    broker_heartbeat_interval=settings.broker_heartbeat_interval,
+    broker_request_timeout=max(90.0, settings.broker_session_timeout),
+    producer_max_batch_size=settings.producer_max_batch_size,
+    web_bind=settings.web_host,
+    web_host=settings.web_host,
+    web_port=settings.web_port,
+    # Faust's /table/ views would publish session contents, /router/ the cluster layout.
+    web_tables_enabled=False,
+    web_router_enabled=False,
+    web_stats_enabled=False,
+    web_graph_enabled=False,
+    TableManager="sessions_app.recovery:OrderedTableManager",
+    autodiscover=False,
+)
+
+
+def main() -> None:
+    """Run the Faust command line: `sessions-app worker`, `broker`, `produce`, `verify`."""
+    app.main()
+
+
+# The wiring modules register agents, tables, views and commands on `app`.
+from sessions_app import agents, commands, views  # noqa: E402, F401

@@ -1,0 +1,165 @@
+"""Apply a batch of fragments from one input partition to session buffers: pure.
+
+The Faust agent groups what it consumed by partition and hands each group
+here with a way to read stored buffers; it gets back everything to send and
+everything to write. Nothing here touches Kafka or RocksDB, so the whole
+reassembly decision (replays, tombstones, bad records) is tested without a
+broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from sessions_app.reassembly import cut_records
+from sessions_app.session_state import SessionState
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    """One input record, with where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """A record to produce: complete records and expired remnants."""
+
+    key: bytes
+    value: bytes
+    headers: Headers
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A fragment that could not be applied, and why."""
+
+    fragment: Fragment
+    stage: str
+    error_class: str
+    message: str
+
+    def headers(self) -> Headers:
+        """Return the dead-letter headers naming the error and the source record."""
+        return (
+            ("error.stage", self.stage.encode()),
+            ("error.class", self.error_class.encode()),
+            ("error.message", self.message.encode("utf-8", "backslashreplace")),
+            ("source.topic", self.fragment.topic.encode()),
+            ("source.partition", str(self.fragment.partition).encode()),
+            ("source.offset", str(self.fragment.offset).encode()),
+        )
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What applying a batch produced; `writes` maps a session to its new state or None (delete)."""
+
+    records: list[OutRecord] = field(default_factory=list)
+    expired: list[OutRecord] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    writes: dict[bytes, SessionState | None] = field(default_factory=dict)
+    fragments_applied: int = 0
+    fragments_replayed: int = 0
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+
+
+class InvalidSessionKey(ValueError):
+    """A fragment whose key cannot name a session."""
+
+
+_MISSING = object()
+
+
+def apply_fragments(
+    fragments: Iterable[Fragment],
+    load: Callable[[bytes], bytes | None],
+    delimiter: bytes,
+    now_ms: int,
+) -> BatchResult:
+    """Apply fragments in order; `load` returns a session's stored buffer or None."""
+    result = BatchResult()
+    states: dict[bytes, SessionState | None] = {}
+
+    def current(key: bytes) -> SessionState | None:
+        state = states.get(key, _MISSING)
+        if state is _MISSING:
+            raw = load(key)
+            state = None if raw is None else SessionState.decode(raw)
+            states[key] = state
+        return state  # type: ignore[return-value]
+
+    for fragment in fragments:
+        key = fragment.key
+        if not key:
+            what = "null" if key is None else "empty"
+            result.dead_letters.append(
+                DeadLetter(
+                    fragment,
+                    "validate",
+                    InvalidSessionKey.__name__,
+                    f"fragment has a {what} key; the key must be the session ID",
+                )
+            )
+            continue
+        try:
+            state = current(key)
+        except Exception as exc:
+            result.dead_letters.append(
+                DeadLetter(fragment, "state", type(exc).__name__, f"stored buffer unreadable: {exc}")
+            )
+            continue
+        if state is not None and fragment.offset <= state.applied_offset:
+            # Redelivered after a crash or rebalance: already in the buffer.
+            result.fragments_replayed += 1
+            continue
+        try:
+            if fragment.value is None:
+                if state is not None:
+                    _close(key, state, result)
+                    states[key] = None
+                    result.writes[key] = None
+                continue
+            if state is None:
+                state = SessionState()
+                result.sessions_opened += 1
+            records, pending = cut_records(state.pending, fragment.value, delimiter)
+            seq = state.next_seq
+            for record in records:
+                result.records.append(OutRecord(key, record, (("seq", str(seq).encode()),)))
+                seq += 1
+            new_state = SessionState(fragment.offset, seq, now_ms, pending)
+        except Exception as exc:
+            result.dead_letters.append(
+                DeadLetter(fragment, "reassemble", type(exc).__name__, str(exc))
+            )
+            continue
+        states[key] = new_state
+        result.writes[key] = new_state
+        result.fragments_applied += 1
+    return result
+
+
+def _close(key: bytes, state: SessionState, result: BatchResult) -> None:
+    """End a session on a tombstone: its pending bytes, if any, become an expired remnant."""
+    result.sessions_closed += 1
+    if state.pending:
+        result.expired.append(remnant(key, state, "closed"))
+
+
+def remnant(key: bytes, state: SessionState, reason: str) -> OutRecord:
+    """Return the expired-topic record for a session's pending bytes."""
+    return OutRecord(
+        key,
+        state.pending,
+        (("reason", reason.encode()), ("seq", str(state.next_seq).encode())),
+    )

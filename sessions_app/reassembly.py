@@ -1,0 +1,42 @@
+"""Cut complete records out of a session's pending bytes: pure, no I/O.
+
+A session's byte stream is a sequence of records, each followed by the
+delimiter. Fragments may split a record or the delimiter anywhere; cutting
+the concatenation of all fragments at once and cutting fragment by fragment
+give the same records, because the search for the next delimiter always
+restarts where the last one ended and the pending tail never holds a whole
+delimiter.
+"""
+
+from __future__ import annotations
+
+
+def cut_records(pending: bytes, fragment: bytes, delimiter: bytes) -> tuple[list[bytes], bytes]:
+    """Append `fragment` to `pending`; return the complete records and the new tail."""
+    if not delimiter:
+        raise ValueError("delimiter must not be empty")
+    if not fragment:
+        return [], pending
+    # Only a delimiter that ends inside the new fragment can complete a record:
+    # skip the search when the joint region around the seam cannot hold one.
+    seam_start = max(0, len(pending) - len(delimiter) + 1)
+    data = pending + fragment
+    if data.find(delimiter, seam_start) < 0:
+        return [], data
+    *records, tail = data.split(delimiter)
+    return records, tail
+
+
+def frame(records: list[bytes], delimiter: bytes) -> bytes:
+    """Join records into the byte stream a producer sends: each record then the delimiter."""
+    return b"".join(record + delimiter for record in records)
+
+
+def is_unambiguous(record: bytes, delimiter: bytes) -> bool:
+    """Tell whether `record` followed by `delimiter` cuts back into exactly `record`.
+
+    False when the record holds the delimiter, or when its tail overlaps the
+    delimiter's head so that the first match starts inside the record
+    (record b"a" with delimiter b"aa").
+    """
+    return (record + delimiter).find(delimiter) == len(record)

@@ -1,0 +1,175 @@
+"""Settings from SESSIONS_* environment variables: one frozen dataclass, validated up front.
+
+Every error names the variable and what it allows, in one line, so a bad
+deployment stops before the worker connects to anything.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+PREFIX = "SESSIONS_"
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$|^\[[0-9A-Fa-f:.]+\]:\d{1,5}$")
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A SESSIONS_* variable holds a value the worker cannot use."""
+
+    def __init__(self, variable: str, value: str, allowed: str) -> None:
+        super().__init__(f"{variable}={value!r} is invalid: {allowed}")
+        self.variable = variable
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a worker is configured with; see README for each variable."""
+
+    broker_url: str = "kafka://127.0.0.1:9092"
+    app_id: str = "sessions-app"
+    data_dir: str = "./sessions-data"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    partitions: int = 8
+    delimiter: bytes = b"\n"
+    input_topic: str = "sessions-chunks"
+    output_topic: str = "sessions-records"
+    expired_topic: str = "sessions-expired"
+    dlq_topic: str = "sessions-dlq"
+    broker_session_timeout: float = 10.0
+    broker_heartbeat_interval: float = 3.0
+    producer_max_batch_size: int = 16 * 1024
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """Return the broker list as host:port strings, the form Kafka clients take."""
+        return [part.removeprefix("kafka://") for part in self.broker_url.split(";")]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every SESSIONS_* variable; raise SettingsError on the first bad one."""
+        env = os.environ if environ is None else environ
+        d = cls()
+
+        def get(name: str, parse: Callable[[str, str], T], default: T) -> T:
+            variable = PREFIX + name
+            raw = env.get(variable)
+            if raw is None or raw == "":
+                return default
+            return parse(variable, raw)
+
+        settings = cls(
+            broker_url=get("BROKER_URL", _broker_url, d.broker_url),
+            app_id=get("APP_ID", _topic_name, d.app_id),
+            data_dir=get("DATA_DIR", _text, d.data_dir),
+            web_host=get("WEB_HOST", _text, d.web_host),
+            web_port=get("WEB_PORT", _int_range(1, 65535), d.web_port),
+            partitions=get("PARTITIONS", _int_range(1, 10_000), d.partitions),
+            delimiter=get("DELIMITER", parse_delimiter, d.delimiter),
+            input_topic=get("INPUT_TOPIC", _topic_name, d.input_topic),
+            output_topic=get("OUTPUT_TOPIC", _topic_name, d.output_topic),
+            expired_topic=get("EXPIRED_TOPIC", _topic_name, d.expired_topic),
+            dlq_topic=get("DLQ_TOPIC", _topic_name, d.dlq_topic),
+            broker_session_timeout=get(
+                "BROKER_SESSION_TIMEOUT", _float_range(1.0, 3600.0), d.broker_session_timeout
+            ),
+            broker_heartbeat_interval=get(
+                "BROKER_HEARTBEAT_INTERVAL", _float_range(0.1, 3600.0), d.broker_heartbeat_interval
+            ),
+            producer_max_batch_size=get(
+                "PRODUCER_MAX_BATCH_SIZE", _int_range(1, 64 * 1024 * 1024), d.producer_max_batch_size
+            ),
+        )
+        settings._check_together()
+        return settings
+
+    def _check_together(self) -> None:
+        if self.broker_heartbeat_interval >= self.broker_session_timeout:
+            raise SettingsError(
+                PREFIX + "BROKER_HEARTBEAT_INTERVAL",
+                str(self.broker_heartbeat_interval),
+                f"must be less than SESSIONS_BROKER_SESSION_TIMEOUT "
+                f"({self.broker_session_timeout}); a third of it is usual",
+            )
+        topics = {
+            "SESSIONS_INPUT_TOPIC": self.input_topic,
+            "SESSIONS_OUTPUT_TOPIC": self.output_topic,
+            "SESSIONS_EXPIRED_TOPIC": self.expired_topic,
+            "SESSIONS_DLQ_TOPIC": self.dlq_topic,
+        }
+        seen: dict[str, str] = {}
+        for variable, topic in topics.items():
+            if topic in seen:
+                raise SettingsError(
+                    variable, topic, f"must differ from {seen[topic]}, which names the same topic"
+                )
+            seen[topic] = variable
+
+
+def parse_delimiter(variable: str, raw: str) -> bytes:
+    """Turn a delimiter setting with escapes (\\n, \\r\\n, \\x00) into bytes."""
+    allowed = "must be one or more bytes; escapes \\n \\r \\t \\\\ \\xHH are understood"
+    try:
+        value: bytes = codecs.escape_decode(raw.encode("utf-8"))[0]  # type: ignore[attr-defined]
+    except ValueError as exc:
+        raise SettingsError(variable, raw, f"{allowed} ({exc})") from None
+    if not value:
+        raise SettingsError(variable, raw, allowed)
+    return value
+
+
+def _text(variable: str, raw: str) -> str:
+    return raw
+
+
+def _topic_name(variable: str, raw: str) -> str:
+    if not _TOPIC_NAME.match(raw) or raw in {".", ".."}:
+        raise SettingsError(
+            variable, raw, "must be 1-249 characters of letters, digits, '.', '_' or '-'"
+        )
+    return raw
+
+
+def _broker_url(variable: str, raw: str) -> str:
+    allowed = "must be kafka://HOST:PORT, several joined by ';' (kafka://a:9092;b:9092)"
+    if not raw.startswith("kafka://"):
+        raise SettingsError(variable, raw, allowed)
+    for part in raw.split(";"):
+        if not _HOST_PORT.match(part.removeprefix("kafka://")):
+            raise SettingsError(variable, raw, allowed)
+    return raw
+
+
+def _int_range(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(variable: str, raw: str) -> int:
+        allowed = f"must be a whole number from {low:,} to {high:,}"
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise SettingsError(variable, raw, allowed) from None
+        if not low <= value <= high:
+            raise SettingsError(variable, raw, allowed)
+        return value
+
+    return parse
+
+
+def _float_range(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(variable: str, raw: str) -> float:
+        allowed = f"must be a number of seconds from {low:g} to {high:g}"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(variable, raw, allowed) from None
+        if not low <= value <= high:
+            raise SettingsError(variable, raw, allowed)
+        return value
+
+    return parse
