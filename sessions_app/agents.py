@@ -42,7 +42,7 @@ async def reassemble_sessions(stream: Any) -> None:
         await process_batch(events)
 
 
-async def process_batch(events: Sequence[EventT]) -> None:
+async def process_batch(events: Sequence[EventT[Any]]) -> None:
     """Apply one batch of events, then send and persist what it produced."""
     by_partition: dict[int, list[Fragment]] = defaultdict(list)
     for event in events:
@@ -50,7 +50,7 @@ async def process_batch(events: Sequence[EventT]) -> None:
         by_partition[message.partition].append(
             Fragment(message.topic, message.partition, message.offset, message.key, message.value)
         )
-    store = session_buffers.data
+    store: Any = session_buffers.data
     now_ms = int(time.time() * 1000)
     results: dict[int, BatchResult] = {}
     for partition, fragments in by_partition.items():
@@ -86,7 +86,9 @@ async def _deliver_outputs(results: dict[int, BatchResult]) -> None:
 
 
 async def _send(producer: Any, topic: str, record: OutRecord, partition: int) -> Any:
-    return await producer.send(topic, record.key, record.value, partition, None, list(record.headers))
+    return await producer.send(
+        topic, record.key, record.value, partition, None, list(record.headers)
+    )
 
 
 async def _deliver_changelog(results: dict[int, BatchResult]) -> dict[int, int]:

@@ -115,7 +115,9 @@ def apply_fragments(
             state = current(key)
         except Exception as exc:
             result.dead_letters.append(
-                DeadLetter(fragment, "state", type(exc).__name__, f"stored buffer unreadable: {exc}")
+                DeadLetter(
+                    fragment, "state", type(exc).__name__, f"stored buffer unreadable: {exc}"
+                )
             )
             continue
         if state is not None and fragment.offset <= state.applied_offset:

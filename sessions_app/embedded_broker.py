@@ -6,6 +6,7 @@ Memory only: every topic, offset and group is gone when it stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -42,9 +43,11 @@ def wait_until_listening(port: int, timeout: float = 10.0) -> None:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
-        except OSError:
+        except OSError as exc:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"broker on 127.0.0.1:{port} not listening after {timeout}s")
+                raise TimeoutError(
+                    f"broker on 127.0.0.1:{port} not listening after {timeout}s"
+                ) from exc
             time.sleep(0.02)
 
 
@@ -100,10 +103,8 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int) -> No
     await admin.start()
     try:
         for name in names:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics([NewTopic(name, partitions, 1)])
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()
 

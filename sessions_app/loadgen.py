@@ -8,13 +8,16 @@ present, byte for byte, in `seq` order, with repeats counted. The pure parts
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import itertools
 import json
 import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sessions_app.reassembly import frame, is_unambiguous
 
@@ -27,8 +30,10 @@ def random_record(rng: random.Random, delimiter: bytes, min_len: int, max_len: i
             return record
 
 
-def cut_fragments(stream: bytes, delimiter: bytes, rng: random.Random, max_fragments: int) -> list[bytes]:
-    """Cut a session's byte stream into 1..max_fragments pieces per record, some inside delimiters."""
+def cut_fragments(
+    stream: bytes, delimiter: bytes, rng: random.Random, max_fragments: int
+) -> list[bytes]:
+    """Cut a byte stream into 1..max_fragments pieces per record, some inside delimiters."""
     cuts: set[int] = set()
     start = 0
     while (at := stream.find(delimiter, start)) >= 0:
@@ -41,7 +46,7 @@ def cut_fragments(stream: bytes, delimiter: bytes, rng: random.Random, max_fragm
         cuts.add(end)
         start = end
     bounds = [0, *sorted(c for c in cuts if 0 < c < len(stream)), len(stream)]
-    return [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [stream[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 @dataclass
@@ -76,19 +81,21 @@ def generate(
 def interleave(sessions: list[Session], seed: int) -> Iterator[tuple[bytes, bytes]]:
     """Yield (key, fragment) with sessions interleaved at random, each session in order."""
     rng = random.Random(seed ^ 0x5EED)
-    cursors = [[s.key, s.fragments, 0] for s in sessions if s.fragments]
-    while cursors:
-        i = rng.randrange(len(cursors))
-        cursor = cursors[i]
-        key, frags, pos = cursor
-        yield key, frags[pos]  # type: ignore[misc]
-        cursor[2] = pos + 1  # type: ignore[operator]
-        if cursor[2] == len(frags):  # type: ignore[arg-type]
-            cursors[i] = cursors[-1]
-            cursors.pop()
+    active = [(s, iter(s.fragments)) for s in sessions if s.fragments]
+    while active:
+        i = rng.randrange(len(active))
+        session, fragments = active[i]
+        fragment = next(fragments, None)
+        if fragment is None:
+            active[i] = active[-1]
+            active.pop()
+        else:
+            yield session.key, fragment
 
 
-def write_manifest(path: Path, run_id: str, delimiter: bytes, sessions: list[Session], started: float) -> None:
+def write_manifest(
+    path: Path, run_id: str, delimiter: bytes, sessions: list[Session], started: float
+) -> None:
     """Write what was sent: a header line, then one line per session with its records."""
     with path.open("w") as out:
         header = {
@@ -108,7 +115,7 @@ def write_manifest(path: Path, run_id: str, delimiter: bytes, sessions: list[Ses
             out.write(json.dumps(line) + "\n")
 
 
-def read_manifest(path: Path) -> tuple[dict[str, object], dict[bytes, list[bytes]]]:
+def read_manifest(path: Path) -> tuple[dict[str, Any], dict[bytes, list[bytes]]]:
     """Return the manifest's header and each session's records."""
     with path.open() as src:
         header = json.loads(src.readline())
@@ -133,7 +140,9 @@ class Verification:
     out_of_order: list[str] = field(default_factory=list)
     last_timestamp_ms: int = 0
 
-    def add(self, key: bytes | None, value: bytes | None, seq_header: bytes | None, timestamp_ms: int) -> None:
+    def add(
+        self, key: bytes | None, value: bytes | None, seq_header: bytes | None, timestamp_ms: int
+    ) -> None:
         """Check one output record; records of other sessions are ignored."""
         if key not in self.expected:
             return
@@ -149,7 +158,9 @@ class Verification:
             self.corrupt.append(f"{key!r}: seq {seq} outside 0..{len(records) - 1}")
             return
         if value != records[seq]:
-            self.corrupt.append(f"{key!r} seq {seq}: {len(value or b'')} bytes differ from the record sent")
+            self.corrupt.append(
+                f"{key!r} seq {seq}: {len(value or b'')} bytes differ from the record sent"
+            )
         seen = self.seen.setdefault(key, set())
         if seq in seen:
             self.duplicates += 1
@@ -206,7 +217,7 @@ async def produce(
     started = time.monotonic()
     try:
         with tqdm(total=total, unit="frag", disable=not progress, mininterval=0.5) as bar:
-            pending = []
+            pending: list[asyncio.Future[Any]] = []
             for key, fragment in interleave(sessions, seed):
                 pending.append(await producer.send(topic, fragment, key=key))
                 if len(pending) >= 5000:
@@ -217,11 +228,9 @@ async def produce(
     return total, time.monotonic() - started
 
 
-async def _drain(pending: list[object], bar: object) -> None:
-    import asyncio
-
-    await asyncio.gather(*pending)  # type: ignore[arg-type]
-    bar.update(len(pending))  # type: ignore[attr-defined]
+async def _drain(pending: list[asyncio.Future[Any]], bar: Any) -> None:
+    await asyncio.gather(*pending)
+    bar.update(len(pending))
     pending.clear()
 
 
@@ -232,7 +241,7 @@ async def verify(
     idle_timeout: float,
     settle: float = 1.0,
 ) -> Verification:
-    """Read `topic` from the beginning until all records are in, or nothing came for idle_timeout."""
+    """Read `topic` from the start until all records are in, or none came for idle_timeout."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)

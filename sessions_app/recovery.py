@@ -36,7 +36,9 @@ class OrderedRecovery(Recovery):
         await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
         uncommitted = [tp for tp in sources if not consumer._committed_offset.get(tp)]
         if uncommitted:
-            self.log.info("Seek %d uncommitted stream partitions to the beginning", len(uncommitted))
+            self.log.info(
+                "Seek %d uncommitted stream partitions to the beginning", len(uncommitted)
+            )
             timeout = app.conf.broker_request_timeout
             earliest: dict[Any, int] = {}
 

@@ -84,7 +84,9 @@ class Settings:
                 "BROKER_HEARTBEAT_INTERVAL", _float_range(0.1, 3600.0), d.broker_heartbeat_interval
             ),
             producer_max_batch_size=get(
-                "PRODUCER_MAX_BATCH_SIZE", _int_range(1, 64 * 1024 * 1024), d.producer_max_batch_size
+                "PRODUCER_MAX_BATCH_SIZE",
+                _int_range(1, 64 * 1024 * 1024),
+                d.producer_max_batch_size,
             ),
         )
         settings._check_together()
@@ -117,7 +119,7 @@ def parse_delimiter(variable: str, raw: str) -> bytes:
     """Turn a delimiter setting with escapes (\\n, \\r\\n, \\x00) into bytes."""
     allowed = "must be one or more bytes; escapes \\n \\r \\t \\\\ \\xHH are understood"
     try:
-        value: bytes = codecs.escape_decode(raw.encode("utf-8"))[0]  # type: ignore[attr-defined]
+        value: bytes = codecs.escape_decode(raw.encode("utf-8"))[0]
     except ValueError as exc:
         raise SettingsError(variable, raw, f"{allowed} ({exc})") from None
     if not value:
