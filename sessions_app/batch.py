@@ -61,16 +61,30 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class BatchResult:
-    """What applying a batch produced; `writes` maps a session to its new state or None (delete)."""
+    """What applying a batch produced.
+
+    `writes` maps a session to its new state, or None to delete it; `before`
+    holds the stored state of every session in `writes` as the batch found it.
+    """
 
     records: list[OutRecord] = field(default_factory=list)
     expired: list[OutRecord] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     writes: dict[bytes, SessionState | None] = field(default_factory=dict)
+    before: dict[bytes, SessionState | None] = field(default_factory=dict)
     fragments_applied: int = 0
     fragments_replayed: int = 0
     sessions_opened: int = 0
     sessions_closed: int = 0
+    overflows: int = 0
+
+    @property
+    def live_delta(self) -> int:
+        """Return how much the batch changes the number of live sessions."""
+        return sum(
+            (after is not None) - (self.before[key] is not None)
+            for key, after in self.writes.items()
+        )
 
 
 class InvalidSessionKey(ValueError):
@@ -80,15 +94,28 @@ class InvalidSessionKey(ValueError):
 _MISSING = object()
 
 
+class CapacityReached(RuntimeError):
+    """The worker holds as many sessions as SESSIONS_MAX_SESSIONS allows."""
+
+
 def apply_fragments(
     fragments: Iterable[Fragment],
     load: Callable[[bytes], bytes | None],
     delimiter: bytes,
     now_ms: int,
+    max_buffer_bytes: int | None = None,
+    may_open: int | None = None,
 ) -> BatchResult:
-    """Apply fragments in order; `load` returns a session's stored buffer or None."""
+    """Apply fragments in order; `load` returns a session's stored buffer or None.
+
+    A session whose pending bytes would exceed `max_buffer_bytes` has them
+    flushed as an expired remnant (reason `overflow`) and goes on empty. With
+    `may_open` set, fragments that would open more new sessions than that are
+    dead-lettered (stage `capacity`) instead.
+    """
     result = BatchResult()
     states: dict[bytes, SessionState | None] = {}
+    before = result.before
 
     def current(key: bytes) -> SessionState | None:
         state = states.get(key, _MISSING)
@@ -96,7 +123,10 @@ def apply_fragments(
             raw = load(key)
             state = None if raw is None else SessionState.decode(raw)
             states[key] = state
+            before[key] = state
         return state  # type: ignore[return-value]
+
+    live_delta = 0
 
     for fragment in fragments:
         key = fragment.key
@@ -130,16 +160,34 @@ def apply_fragments(
                     _close(key, state, result)
                     states[key] = None
                     result.writes[key] = None
+                    live_delta -= 1
                 continue
             if state is None:
+                if may_open is not None and live_delta >= may_open:
+                    raise CapacityReached(
+                        "the worker holds SESSIONS_MAX_SESSIONS live sessions; "
+                        "SESSIONS_CAP_POLICY=reject refuses new ones"
+                    )
                 state = SessionState()
                 result.sessions_opened += 1
+                live_delta += 1
             records, pending = cut_records(state.pending, fragment.value, delimiter)
             seq = state.next_seq
             for record in records:
                 result.records.append(OutRecord(key, record, (("seq", str(seq).encode()),)))
                 seq += 1
+            if max_buffer_bytes is not None and len(pending) > max_buffer_bytes:
+                result.expired.append(
+                    remnant(key, SessionState(next_seq=seq, pending=pending), "overflow")
+                )
+                result.overflows += 1
+                pending = b""
             new_state = SessionState(fragment.offset, seq, now_ms, pending)
+        except CapacityReached as exc:
+            result.dead_letters.append(
+                DeadLetter(fragment, "capacity", type(exc).__name__, str(exc))
+            )
+            continue
         except Exception as exc:
             result.dead_letters.append(
                 DeadLetter(fragment, "reassemble", type(exc).__name__, str(exc))

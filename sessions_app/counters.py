@@ -14,7 +14,9 @@ class PipelineTotals:
     records_emitted: int = 0
     sessions_opened: int = 0
     sessions_closed: int = 0
-    remnants_expired: int = 0
+    sessions_expired: int = 0
+    sessions_evicted: int = 0
+    sessions_overflowed: int = 0
     dead_letters: int = 0
 
     def as_dict(self) -> dict[str, int]:

@@ -46,6 +46,13 @@ class Settings:
     broker_session_timeout: float = 10.0
     broker_heartbeat_interval: float = 3.0
     producer_max_batch_size: int = 16 * 1024
+    rocksdb_memory: int = 128 * 1024 * 1024
+    idle_timeout: float = 300.0
+    max_sessions: int = 1_000_000
+    alarm_ratio: float = 0.8
+    cap_policy: str = "evict"
+    max_buffer_bytes: int = 1024 * 1024
+    alerts_topic: str = "sessions-alerts"
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -88,6 +95,13 @@ class Settings:
                 _int_range(1, 64 * 1024 * 1024),
                 d.producer_max_batch_size,
             ),
+            rocksdb_memory=get("ROCKSDB_MEMORY", _size(16 * 1024**2, 1024**4), d.rocksdb_memory),
+            idle_timeout=get("IDLE_TIMEOUT", _float_range(0.1, 365 * 86400.0), d.idle_timeout),
+            max_sessions=get("MAX_SESSIONS", _int_range(1, 10**10), d.max_sessions),
+            alarm_ratio=get("ALARM_RATIO", _float_range(0.1, 1.0), d.alarm_ratio),
+            cap_policy=get("CAP_POLICY", _choice("evict", "reject"), d.cap_policy),
+            max_buffer_bytes=get("MAX_BUFFER_BYTES", _size(1, 1024**3), d.max_buffer_bytes),
+            alerts_topic=get("ALERTS_TOPIC", _topic_name, d.alerts_topic),
         )
         settings._check_together()
         return settings
@@ -105,6 +119,7 @@ class Settings:
             "SESSIONS_OUTPUT_TOPIC": self.output_topic,
             "SESSIONS_EXPIRED_TOPIC": self.expired_topic,
             "SESSIONS_DLQ_TOPIC": self.dlq_topic,
+            "SESSIONS_ALERTS_TOPIC": self.alerts_topic,
         }
         seen: dict[str, str] = {}
         for variable, topic in topics.items():
@@ -147,6 +162,33 @@ def _broker_url(variable: str, raw: str) -> str:
         if not _HOST_PORT.match(part.removeprefix("kafka://")):
             raise SettingsError(variable, raw, allowed)
     return raw
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(|B|KiB|MiB|GiB|TiB)\s*$")
+_UNITS = {"": 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+
+
+def _size(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(variable: str, raw: str) -> int:
+        allowed = f"must be a size in bytes from {low:,} to {high:,}, such as 1048576 or 128MiB"
+        match = _SIZE.match(raw)
+        if not match:
+            raise SettingsError(variable, raw, allowed)
+        value = int(match.group(1)) * _UNITS[match.group(2)]
+        if not low <= value <= high:
+            raise SettingsError(variable, raw, allowed)
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(variable: str, raw: str) -> str:
+        if raw not in choices:
+            raise SettingsError(variable, raw, "must be one of " + ", ".join(choices))
+        return raw
+
+    return parse
 
 
 def _int_range(low: int, high: int) -> Callable[[str, str], int]:

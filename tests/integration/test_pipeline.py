@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiokafka.partitioner import DefaultPartitioner
 
 from sessions_app.embedded_broker import create_topics_sync
+from sessions_app.keys import buffer_key
 from sessions_app.loadgen import Verification, generate, interleave
 from sessions_app.session_state import SessionState
 
@@ -44,7 +45,7 @@ def test_bad_fragments_go_to_the_dead_letter_topic_while_good_ones_flow(
     # A buffer this version cannot read, left in the changelog by something else.
     changelog = f"{deployment.env['SESSIONS_APP_ID']}-session_buffers-changelog"
     create_topics_sync(deployment.broker.bootstrap, [changelog], deployment.partitions)
-    deployment.produce_to(changelog, [(b"broken", b"\x09not-a-buffer", 1)])
+    deployment.produce_to(changelog, [(buffer_key(b"broken"), b"\x09not-a-buffer", 1)])
 
     good = [(b"good-0", b"one\r"), (b"good-1", b"two\r\n"), (b"good-0", b"\nthree\r\n")]
     deployment.produce(
@@ -109,5 +110,5 @@ def test_stored_buffer_layout_is_what_the_changelog_holds(deployment: Deployment
     deployment.env["SESSIONS_CHANGELOG_TOPIC"] = changelog
     (entry,) = deployment.read("changelog", 1)
     state = SessionState.decode(entry.value or b"")
-    assert (entry.key, entry.partition) == (b"k", 2)
+    assert (entry.key, entry.partition) == (buffer_key(b"k"), 2)
     assert (state.applied_offset, state.next_seq, state.pending) == (0, 1, b"part")

@@ -1,0 +1,94 @@
+"""Key layout of a session_buffers partition in RocksDB: pure byte encoding.
+
+One RocksDB instance per table partition holds four kinds of keys, told
+apart by their first byte:
+
+    b"s" + session_id                    -> SessionState bytes        changelogged
+    b"x" + session_id                    -> FlushMarker bytes         changelogged
+    b"i" + last_seen_ms (8, BE) + sid    -> b""                       local only
+    b"c"                                 -> live session count (8, BE) local only
+
+`s` keys are the session buffers. `x` keys are idle flushes in progress:
+written (with the buffer's tombstone) before the remnant is sent, deleted
+after, so a crash in between can be resolved without losing or repeating
+the flush. `i` keys are the idle index, ordered by last activity, so the
+oldest sessions are the first keys after b"i". `c` is the number of `s` keys.
+Only `s` and `x` keys go to the changelog; `i` and `c` are derived from
+them, in the same write batch, both when the agent writes and when Faust
+applies changelog records during recovery.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+BUFFER = b"s"
+MARKER = b"x"
+IDLE = b"i"
+COUNT_KEY = b"c"
+IDLE_END = b"j"  # first key after every idle-index key
+
+_MS = struct.Struct(">q")
+_COUNT = struct.Struct(">q")
+_MARKER = struct.Struct(">BqQ")
+
+
+def buffer_key(session_id: bytes) -> bytes:
+    """Return the table key of a session's buffer."""
+    return BUFFER + session_id
+
+
+def marker_key(session_id: bytes) -> bytes:
+    """Return the table key of a session's idle-flush marker."""
+    return MARKER + session_id
+
+
+def idle_key(last_seen_ms: int, session_id: bytes) -> bytes:
+    """Return the idle-index key: sorts by last activity, then session."""
+    return IDLE + _MS.pack(max(last_seen_ms, 0)) + session_id
+
+
+def idle_bound(last_seen_ms: int) -> bytes:
+    """Return the smallest idle-index key with activity at or after `last_seen_ms`."""
+    return IDLE + _MS.pack(max(last_seen_ms, 0))
+
+
+def parse_idle_key(key: bytes) -> tuple[int, bytes]:
+    """Return (last_seen_ms, session_id) of an idle-index key."""
+    return _MS.unpack_from(key, 1)[0], key[9:]
+
+
+def encode_count(count: int) -> bytes:
+    """Return the stored form of a live-session count."""
+    return _COUNT.pack(count)
+
+
+def decode_count(raw: bytes | None) -> int:
+    """Read a stored live-session count; none stored means zero."""
+    return 0 if raw is None else int(_COUNT.unpack(raw)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class FlushMarker:
+    """An idle flush in progress: the remnant, its seq, and where to look for it.
+
+    `scan_from` is an offset of the expired topic's partition at or before
+    the one the remnant gets, so a restart can tell whether it was sent.
+    """
+
+    scan_from: int
+    seq: int
+    pending: bytes
+
+    def encode(self) -> bytes:
+        """Return the stored form: version, scan_from, seq, then the remnant."""
+        return _MARKER.pack(1, self.scan_from, self.seq) + self.pending
+
+    @classmethod
+    def decode(cls, raw: bytes) -> FlushMarker:
+        """Read the stored form."""
+        version, scan_from, seq = _MARKER.unpack_from(raw)
+        if version != 1:
+            raise ValueError(f"flush marker has version {version}, expected 1")
+        return cls(scan_from, seq, raw[_MARKER.size :])

@@ -1,0 +1,70 @@
+"""The capacity alarm, wired: a WARNING log line and a JSON event on the alerts topic."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+
+from sessions_app.app import app, settings
+from sessions_app.capacity import AlarmTransition, CapacityAlarm
+
+logger = logging.getLogger(__name__)
+
+
+class CapacityMonitor:
+    """Watches the worker's live-session count against SESSIONS_MAX_SESSIONS."""
+
+    def __init__(self) -> None:
+        self.alarm = CapacityAlarm(settings.max_sessions, settings.alarm_ratio)
+        self.count = 0
+
+    @property
+    def worker(self) -> str:
+        return f"{socket.gethostname()}:{app.conf.web_port}"
+
+    async def update(self, count: int) -> AlarmTransition | None:
+        """Record the count; log and publish the alarm's transition if there is one."""
+        self.count = count
+        transition = self.alarm.update(count, time.time())
+        if transition is None:
+            return None
+        event = transition.as_event(self.worker)
+        if transition.state == "raised":
+            logger.warning(
+                "Session capacity alarm raised: %d live sessions, %.0f%% of the cap of %d",
+                count,
+                100 * count / settings.max_sessions,
+                settings.max_sessions,
+            )
+        else:
+            logger.warning(
+                "Session capacity alarm cleared: %d live sessions, cap %d",
+                count,
+                settings.max_sessions,
+            )
+        await app.producer.send_and_wait(
+            settings.alerts_topic,
+            self.worker.encode(),
+            json.dumps(event).encode(),
+            None,
+            None,
+            None,
+        )
+        return transition
+
+    def as_dict(self) -> dict[str, object]:
+        """Return the alarm's state for the web view."""
+        return {
+            "state": "raised" if self.alarm.active else "ok",
+            "since": self.alarm.since,
+            "count": self.count,
+            "cap": settings.max_sessions,
+            "usage": self.count / settings.max_sessions,
+            "alarm_ratio": settings.alarm_ratio,
+            "transitions": [t.as_event(self.worker) for t in self.alarm.history],
+        }
+
+
+capacity = CapacityMonitor()

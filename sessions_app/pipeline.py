@@ -1,0 +1,237 @@
+"""Apply, send, persist: the one path every change to the session buffers takes.
+
+The agent's batches, idle expiry and eviction all go through here, under one
+lock, in the same order: outputs delivered, then changelog delivered, then
+one RocksDB write batch per partition. See README, "Delivery guarantee".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sessions_app import keys
+from sessions_app.app import app, settings
+from sessions_app.batch import BatchResult, Fragment, apply_fragments, remnant
+from sessions_app.counters import totals
+from sessions_app.monitoring import capacity
+from sessions_app.session_state import SessionState
+from sessions_app.store import SessionStore
+from sessions_app.tables import session_buffers
+from sessions_app.topics import dead_letter_topic, expired_topic, records_topic
+
+
+@dataclass
+class Changes:
+    """Everything one step wants persisted in one partition."""
+
+    writes: dict[bytes, SessionState | None] = field(default_factory=dict)
+    before: dict[bytes, SessionState | None] = field(default_factory=dict)
+    markers: dict[bytes, bytes | None] = field(default_factory=dict)
+
+
+_lock: asyncio.Lock | None = None
+
+
+def buffers_lock() -> asyncio.Lock:
+    """Return the lock that serialises every change to the session buffers."""
+    global _lock
+    if _lock is None:
+        _lock = asyncio.Lock()
+    return _lock
+
+
+def store() -> SessionStore:
+    """Return the session buffers' RocksDB store."""
+    return session_buffers.data  # type: ignore[return-value]
+
+
+def active_partitions() -> list[int]:
+    """Return the table partitions this worker is active for (not standby)."""
+    # Input and table are co-partitioned: the active table partitions are the input's.
+    source = settings.input_topic
+    return sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == source)
+
+
+def live_sessions() -> dict[int, int]:
+    """Return live sessions per active partition, from the stored counters."""
+    data = store()
+    return {p: data.live_count(p) for p in active_partitions()}
+
+
+async def process_fragments(events: Sequence[Any]) -> None:
+    """Apply one batch of consumed events, then send and persist what it produced."""
+    by_partition: dict[int, list[Fragment]] = {}
+    for event in events:
+        m = event.message
+        by_partition.setdefault(m.partition, []).append(
+            Fragment(m.topic, m.partition, m.offset, m.key, m.value)
+        )
+    data = store()
+    now_ms = int(time.time() * 1000)
+    live = sum(live_sessions().values())
+    reject = settings.cap_policy == "reject"
+    results: dict[int, BatchResult] = {}
+    for partition, fragments in by_partition.items():
+        db = data.db(partition)
+
+        def load(session_id: bytes, get: Any = db.get) -> bytes | None:
+            return get(keys.buffer_key(session_id))  # type: ignore[no-any-return]
+
+        result = apply_fragments(
+            fragments,
+            load,
+            settings.delimiter,
+            now_ms,
+            max_buffer_bytes=settings.max_buffer_bytes,
+            may_open=max(settings.max_sessions - live, 0) if reject else None,
+        )
+        results[partition] = result
+        live += result.live_delta
+        totals.fragments_consumed += len(fragments)
+    if live > settings.max_sessions and not reject:
+        _evict(results, live - settings.max_sessions)
+
+    await deliver(
+        (
+            [(records_topic, p, r.records) for p, r in results.items()]
+            + [(expired_topic, p, r.expired) for p, r in results.items()]
+        ),
+        [dl for r in results.values() for dl in r.dead_letters],
+    )
+    await persist({p: Changes(r.writes, r.before) for p, r in results.items()})
+    for result in results.values():
+        _count(result)
+    await check_capacity()
+
+
+def _evict(results: dict[int, BatchResult], how_many: int) -> None:
+    """Expire the longest-idle sessions the batch did not touch, so the cap holds."""
+    data = store()
+    candidates: list[tuple[int, int, bytes]] = []
+    for partition in active_partitions():
+        touched = results[partition].writes if partition in results else {}
+        taken = 0
+        for key in data.db(partition).keys(from_key=keys.IDLE):
+            if key >= keys.IDLE_END or taken >= how_many:
+                break
+            last_seen, session_id = keys.parse_idle_key(key)
+            if session_id not in touched:
+                candidates.append((last_seen, partition, session_id))
+                taken += 1
+    for _, partition, session_id in sorted(candidates)[:how_many]:
+        raw = data.db(partition).get(keys.buffer_key(session_id))
+        if raw is None:
+            continue
+        state = SessionState.decode(raw)
+        result = results.setdefault(partition, BatchResult())
+        result.before[session_id] = state
+        result.writes[session_id] = None
+        if state.pending:
+            result.expired.append(remnant(session_id, state, "evicted"))
+        totals.sessions_evicted += 1
+
+
+async def deliver(
+    outputs: Iterable[tuple[Any, int, Sequence[Any]]], dead_letters: Sequence[Any] = ()
+) -> dict[int, int]:
+    """Send records to their topics and wait until the broker has all of them.
+
+    Returns, per partition, the offset the last record sent to the expired topic got.
+    """
+    producer = app.producer
+    pending = []
+    expired_name = expired_topic.get_topic_name()
+    for topic, partition, records in outputs:
+        name = topic.get_topic_name()
+        for record in records:
+            pending.append(
+                (
+                    name,
+                    partition,
+                    await producer.send(
+                        name, record.key, record.value, partition, None, list(record.headers)
+                    ),
+                )
+            )
+    dlq = dead_letter_topic.get_topic_name()
+    for letter in dead_letters:
+        fragment = letter.fragment
+        pending.append(
+            (
+                dlq,
+                -1,
+                await producer.send(
+                    dlq, fragment.key, fragment.value, None, None, list(letter.headers())
+                ),
+            )
+        )
+    delivered = await asyncio.gather(*(fut for _, _, fut in pending))
+    last_expired: dict[int, int] = {}
+    for (name, partition, _), metadata in zip(pending, delivered, strict=True):
+        if name == expired_name:
+            last_expired[partition] = max(last_expired.get(partition, -1), metadata.offset)
+    return last_expired
+
+
+async def persist(changes: dict[int, Changes]) -> None:
+    """Send the changes to the changelog, wait, then write each partition's RocksDB batch."""
+    producer = app.producer
+    changelog = session_buffers.changelog_topic.get_topic_name()
+    pending: list[tuple[int, Any]] = []
+    for partition, change in changes.items():
+        for session_id, state in change.writes.items():
+            value = None if state is None else state.encode()
+            pending.append(
+                (
+                    partition,
+                    await producer.send(
+                        changelog, keys.buffer_key(session_id), value, partition, None, None
+                    ),
+                )
+            )
+        for session_id, marker in change.markers.items():
+            pending.append(
+                (
+                    partition,
+                    await producer.send(
+                        changelog, keys.marker_key(session_id), marker, partition, None, None
+                    ),
+                )
+            )
+    delivered = await asyncio.gather(*(fut for _, fut in pending))
+    last: dict[int, int] = {}
+    for (partition, _), metadata in zip(pending, delivered, strict=True):
+        last[partition] = max(last.get(partition, -1), metadata.offset)
+    data = store()
+    # Partitions that lose sessions first, so the cap holds even between two writes.
+    order = sorted(last, key=lambda p: _delta(changes[p]))
+    for partition in order:
+        change = changes[partition]
+        data.write_sessions(
+            partition, change.writes, change.before, last[partition], change.markers
+        )
+
+
+def _delta(change: Changes) -> int:
+    return sum(
+        (after is not None) - (change.before.get(key) is not None)
+        for key, after in change.writes.items()
+    )
+
+
+def _count(result: BatchResult) -> None:
+    totals.fragments_replayed += result.fragments_replayed
+    totals.records_emitted += len(result.records)
+    totals.sessions_opened += result.sessions_opened
+    totals.sessions_closed += result.sessions_closed
+    totals.sessions_overflowed += result.overflows
+    totals.dead_letters += len(result.dead_letters)
+
+
+async def check_capacity() -> None:
+    """Feed the live count to the capacity alarm; report a transition if there is one."""
+    await capacity.update(sum(live_sessions().values()))
