@@ -38,7 +38,10 @@ async def reassemble_sessions(stream: Any) -> None:
     flow_control = app.flow_control
     lock = buffers_lock()
     while True:
-        events = [await queue.get()]
+        try:
+            events = [await queue.get()]
+        except StopAsyncIteration:  # Faust ends the channel when the worker stops
+            return
         if queue.qsize() < BATCH_MAX_FRAGMENTS:
             await asyncio.sleep(BATCH_WINDOW)
         while len(events) < BATCH_MAX_FRAGMENTS and not queue.empty():

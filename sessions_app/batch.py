@@ -27,6 +27,8 @@ class Fragment:
     offset: int
     key: bytes | None
     value: bytes | None
+    # Position in the worker's batch, across partitions: orders sessions touched at once.
+    arrival: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +66,8 @@ class BatchResult:
     """What applying a batch produced.
 
     `writes` maps a session to its new state, or None to delete it; `before`
-    holds the stored state of every session in `writes` as the batch found it.
+    holds the stored state of every session in `writes` as the batch found
+    it; `last_arrival` the arrival of the last fragment applied to each.
     """
 
     records: list[OutRecord] = field(default_factory=list)
@@ -72,11 +75,13 @@ class BatchResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     writes: dict[bytes, SessionState | None] = field(default_factory=dict)
     before: dict[bytes, SessionState | None] = field(default_factory=dict)
+    last_arrival: dict[bytes, int] = field(default_factory=dict)
     fragments_applied: int = 0
     fragments_replayed: int = 0
     sessions_opened: int = 0
     sessions_closed: int = 0
     overflows: int = 0
+    applied_through: int = -1
 
     @property
     def live_delta(self) -> int:
@@ -102,16 +107,19 @@ def apply_fragments(
     fragments: Iterable[Fragment],
     load: Callable[[bytes], bytes | None],
     delimiter: bytes,
-    now_ms: int,
+    now_us: int,
     max_buffer_bytes: int | None = None,
     may_open: int | None = None,
+    applied_through: int = -1,
 ) -> BatchResult:
     """Apply fragments in order; `load` returns a session's stored buffer or None.
 
     A session whose pending bytes would exceed `max_buffer_bytes` has them
     flushed as an expired remnant (reason `overflow`) and goes on empty. With
     `may_open` set, fragments that would open more new sessions than that are
-    dead-lettered (stage `capacity`) instead.
+    dead-lettered (stage `capacity`) instead. Fragments at or below
+    `applied_through`, the partition's watermark, were applied before and
+    are skipped; `result.applied_through` is the new watermark.
     """
     result = BatchResult()
     states: dict[bytes, SessionState | None] = {}
@@ -127,8 +135,15 @@ def apply_fragments(
         return state  # type: ignore[return-value]
 
     live_delta = 0
+    result.applied_through = applied_through
 
     for fragment in fragments:
+        if fragment.offset <= applied_through:
+            # Redelivered after a crash or rebalance: applied already, whatever became
+            # of its session since.
+            result.fragments_replayed += 1
+            continue
+        result.applied_through = max(result.applied_through, fragment.offset)
         key = fragment.key
         if not key:
             what = "null" if key is None else "empty"
@@ -182,7 +197,8 @@ def apply_fragments(
                 )
                 result.overflows += 1
                 pending = b""
-            new_state = SessionState(fragment.offset, seq, now_ms, pending)
+            # Microseconds plus the arrival keep sessions of one batch in arrival order.
+            new_state = SessionState(fragment.offset, seq, now_us + fragment.arrival, pending)
         except CapacityReached as exc:
             result.dead_letters.append(
                 DeadLetter(fragment, "capacity", type(exc).__name__, str(exc))
@@ -195,6 +211,7 @@ def apply_fragments(
             continue
         states[key] = new_state
         result.writes[key] = new_state
+        result.last_arrival[key] = fragment.arrival
         result.fragments_applied += 1
     return result
 

@@ -69,7 +69,7 @@ async def sweep_step() -> bool:
         if markers:
             await resolve_markers(partition, markers)
             return False
-    cutoff = int(time.time() * 1000 - settings.idle_timeout * 1000)
+    cutoff = int((time.time() - settings.idle_timeout) * 1_000_000)
     bound = keys.idle_bound(cutoff + 1)
     victims: dict[int, list[bytes]] = {}
     found = 0
@@ -152,6 +152,14 @@ async def _consumer() -> Any:
         )
         await _reader.start()
     return _reader
+
+
+@app.on_before_shutdown.connect  # type: ignore[arg-type]
+async def _close_reader(app: Any, **kwargs: Any) -> None:
+    global _reader
+    if _reader is not None:
+        reader, _reader = _reader, None
+        await reader.stop()
 
 
 async def end_offsets(partitions: list[int]) -> dict[int, int]:

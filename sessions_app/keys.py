@@ -1,11 +1,12 @@
 """Key layout of a session_buffers partition in RocksDB: pure byte encoding.
 
-One RocksDB instance per table partition holds four kinds of keys, told
+One RocksDB instance per table partition holds five kinds of keys, told
 apart by their first byte:
 
     b"s" + session_id                    -> SessionState bytes        changelogged
     b"x" + session_id                    -> FlushMarker bytes         changelogged
-    b"i" + last_seen_ms (8, BE) + sid    -> b""                       local only
+    b"w"                                 -> input offset (8, BE)      changelogged
+    b"i" + last_seen_us (8, BE) + sid    -> b""                       local only
     b"c"                                 -> live session count (8, BE) local only
 
 `s` keys are the session buffers. `x` keys are idle flushes in progress:
@@ -13,7 +14,10 @@ written (with the buffer's tombstone) before the remnant is sent, deleted
 after, so a crash in between can be resolved without losing or repeating
 the flush. `i` keys are the idle index, ordered by last activity, so the
 oldest sessions are the first keys after b"i". `c` is the number of `s` keys.
-Only `s` and `x` keys go to the changelog; `i` and `c` are derived from
+`w` is the partition's watermark: every input fragment at or below it has
+been applied, so a replayed one is skipped even when its session has since
+been closed, expired or evicted and has no buffer to compare with.
+Only `s`, `x` and `w` keys go to the changelog; `i` and `c` are derived from
 them, in the same write batch, both when the agent writes and when Faust
 applies changelog records during recovery.
 """
@@ -27,6 +31,7 @@ BUFFER = b"s"
 MARKER = b"x"
 IDLE = b"i"
 COUNT_KEY = b"c"
+WATERMARK_KEY = b"w"
 IDLE_END = b"j"  # first key after every idle-index key
 
 _MS = struct.Struct(">q")
@@ -44,19 +49,29 @@ def marker_key(session_id: bytes) -> bytes:
     return MARKER + session_id
 
 
-def idle_key(last_seen_ms: int, session_id: bytes) -> bytes:
+def idle_key(last_seen_us: int, session_id: bytes) -> bytes:
     """Return the idle-index key: sorts by last activity, then session."""
-    return IDLE + _MS.pack(max(last_seen_ms, 0)) + session_id
+    return IDLE + _MS.pack(max(last_seen_us, 0)) + session_id
 
 
-def idle_bound(last_seen_ms: int) -> bytes:
-    """Return the smallest idle-index key with activity at or after `last_seen_ms`."""
-    return IDLE + _MS.pack(max(last_seen_ms, 0))
+def idle_bound(last_seen_us: int) -> bytes:
+    """Return the smallest idle-index key with activity at or after `last_seen_us`."""
+    return IDLE + _MS.pack(max(last_seen_us, 0))
 
 
 def parse_idle_key(key: bytes) -> tuple[int, bytes]:
-    """Return (last_seen_ms, session_id) of an idle-index key."""
+    """Return (last_seen_us, session_id) of an idle-index key."""
     return _MS.unpack_from(key, 1)[0], key[9:]
+
+
+def encode_offset(offset: int) -> bytes:
+    """Return the stored form of an input offset."""
+    return _MS.pack(offset)
+
+
+def decode_offset(raw: bytes | None) -> int:
+    """Read a stored input offset; none stored means -1 (nothing applied)."""
+    return -1 if raw is None else int(_MS.unpack(raw)[0])
 
 
 def encode_count(count: int) -> bytes:

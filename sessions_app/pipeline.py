@@ -31,6 +31,7 @@ class Changes:
     writes: dict[bytes, SessionState | None] = field(default_factory=dict)
     before: dict[bytes, SessionState | None] = field(default_factory=dict)
     markers: dict[bytes, bytes | None] = field(default_factory=dict)
+    watermark: int | None = None
 
 
 _lock: asyncio.Lock | None = None
@@ -65,13 +66,13 @@ def live_sessions() -> dict[int, int]:
 async def process_fragments(events: Sequence[Any]) -> None:
     """Apply one batch of consumed events, then send and persist what it produced."""
     by_partition: dict[int, list[Fragment]] = {}
-    for event in events:
+    for arrival, event in enumerate(events):
         m = event.message
         by_partition.setdefault(m.partition, []).append(
-            Fragment(m.topic, m.partition, m.offset, m.key, m.value)
+            Fragment(m.topic, m.partition, m.offset, m.key, m.value, arrival)
         )
     data = store()
-    now_ms = int(time.time() * 1000)
+    now_us = int(time.time() * 1_000_000)
     live = sum(live_sessions().values())
     reject = settings.cap_policy == "reject"
     results: dict[int, BatchResult] = {}
@@ -85,9 +86,10 @@ async def process_fragments(events: Sequence[Any]) -> None:
             fragments,
             load,
             settings.delimiter,
-            now_ms,
+            now_us,
             max_buffer_bytes=settings.max_buffer_bytes,
             may_open=max(settings.max_sessions - live, 0) if reject else None,
+            applied_through=data.watermark(partition),
         )
         results[partition] = result
         live += result.live_delta
@@ -102,14 +104,26 @@ async def process_fragments(events: Sequence[Any]) -> None:
         ),
         [dl for r in results.values() for dl in r.dead_letters],
     )
-    await persist({p: Changes(r.writes, r.before) for p, r in results.items()})
+    await persist(
+        {
+            p: Changes(
+                r.writes, r.before, watermark=r.applied_through if p in by_partition else None
+            )
+            for p, r in results.items()
+        }
+    )
     for result in results.values():
         _count(result)
     await check_capacity()
 
 
 def _evict(results: dict[int, BatchResult], how_many: int) -> None:
-    """Expire the longest-idle sessions the batch did not touch, so the cap holds."""
+    """Expire the `how_many` longest-idle sessions, so the cap holds after the batch.
+
+    Stored sessions the batch did not touch are the longest idle; when the
+    batch opens more sessions than they make room for, the sessions it
+    touched earliest go next.
+    """
     data = store()
     candidates: list[tuple[int, int, bytes]] = []
     for partition in active_partitions():
@@ -122,16 +136,28 @@ def _evict(results: dict[int, BatchResult], how_many: int) -> None:
             if session_id not in touched:
                 candidates.append((last_seen, partition, session_id))
                 taken += 1
+    victims: list[tuple[int, bytes, SessionState]] = []
     for _, partition, session_id in sorted(candidates)[:how_many]:
         raw = data.db(partition).get(keys.buffer_key(session_id))
-        if raw is None:
-            continue
-        state = SessionState.decode(raw)
-        result = results.setdefault(partition, BatchResult())
-        result.before[session_id] = state
-        result.writes[session_id] = None
-        if state.pending:
-            result.expired.append(remnant(session_id, state, "evicted"))
+        if raw is not None:
+            victims.append((partition, session_id, SessionState.decode(raw)))
+    if len(victims) < how_many:
+        # All touched at one clock reading: take them in the order they were last touched.
+        recent = [
+            (result.last_arrival[session_id], partition, session_id, state)
+            for partition, result in results.items()
+            for session_id, state in result.writes.items()
+            if state is not None
+        ]
+        recent.sort(key=lambda item: item[:3])
+        for _, partition, session_id, state in recent[: how_many - len(victims)]:
+            victims.append((partition, session_id, state))
+    for partition, session_id, victim in victims:
+        evicted = results.setdefault(partition, BatchResult())
+        evicted.before.setdefault(session_id, victim)
+        evicted.writes[session_id] = None
+        if victim.pending:
+            evicted.expired.append(remnant(session_id, victim, "evicted"))
         totals.sessions_evicted += 1
 
 
@@ -202,6 +228,16 @@ async def persist(changes: dict[int, Changes]) -> None:
                     ),
                 )
             )
+        if change.watermark is not None:
+            value = keys.encode_offset(change.watermark)
+            pending.append(
+                (
+                    partition,
+                    await producer.send(
+                        changelog, keys.WATERMARK_KEY, value, partition, None, None
+                    ),
+                )
+            )
     delivered = await asyncio.gather(*(fut for _, fut in pending))
     last: dict[int, int] = {}
     for (partition, _), metadata in zip(pending, delivered, strict=True):
@@ -212,7 +248,12 @@ async def persist(changes: dict[int, Changes]) -> None:
     for partition in order:
         change = changes[partition]
         data.write_sessions(
-            partition, change.writes, change.before, last[partition], change.markers
+            partition,
+            change.writes,
+            change.before,
+            last[partition],
+            change.markers,
+            change.watermark,
         )
 
 

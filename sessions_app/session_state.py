@@ -5,7 +5,7 @@ Layout of a value in the `session_buffers` table (big-endian)::
     version         1 byte    always 1
     applied_offset  8 bytes   signed: input offset of the last fragment applied, -1 for none
     next_seq        8 bytes   unsigned: `seq` the session's next complete record gets
-    last_seen_ms    8 bytes   signed: worker wall clock (ms) when the last fragment arrived
+    last_seen_us    8 bytes   signed: worker wall clock (µs) when the last fragment arrived
     pending         the rest  bytes received after the last delimiter
 
 The table key is the session ID itself (the input record's key).
@@ -31,13 +31,13 @@ class SessionState:
 
     applied_offset: int = -1
     next_seq: int = 0
-    last_seen_ms: int = 0
+    last_seen_us: int = 0
     pending: bytes = b""
 
     def encode(self) -> bytes:
         """Return the stored form."""
         return (
-            _HEADER.pack(VERSION, self.applied_offset, self.next_seq, self.last_seen_ms)
+            _HEADER.pack(VERSION, self.applied_offset, self.next_seq, self.last_seen_us)
             + self.pending
         )
 
@@ -48,7 +48,7 @@ class SessionState:
             raise CorruptSessionState(
                 f"stored buffer is {len(raw)} bytes, shorter than the {HEADER_SIZE}-byte header"
             )
-        version, applied_offset, next_seq, last_seen_ms = _HEADER.unpack_from(raw)
+        version, applied_offset, next_seq, last_seen_us = _HEADER.unpack_from(raw)
         if version != VERSION:
             raise CorruptSessionState(f"stored buffer has version {version}, expected {VERSION}")
-        return cls(applied_offset, next_seq, last_seen_ms, raw[HEADER_SIZE:])
+        return cls(applied_offset, next_seq, last_seen_us, raw[HEADER_SIZE:])

@@ -104,7 +104,7 @@ def last_seen_of(raw: bytes | None) -> int | None:
     if raw is None:
         return None
     try:
-        return SessionState.decode(raw).last_seen_ms
+        return SessionState.decode(raw).last_seen_us
     except CorruptSessionState:
         return None
 
@@ -131,6 +131,10 @@ class SessionStore(FaustRocksDBStore):
             count = self.live[partition] = keys.decode_count(self.db(partition).get(keys.COUNT_KEY))
         return count
 
+    def watermark(self, partition: int) -> int:
+        """Return the highest input offset applied in a partition, -1 for none."""
+        return keys.decode_offset(self.db(partition).get(keys.WATERMARK_KEY))
+
     def revoke_partitions(self, table: Any, tps: set[TP]) -> None:
         super().revoke_partitions(table, tps)
         for tp in tps:
@@ -147,6 +151,7 @@ class SessionStore(FaustRocksDBStore):
         before: Mapping[bytes, SessionState | None],
         changelog_offset: int,
         markers: Mapping[bytes, bytes | None] | None = None,
+        watermark: int | None = None,
     ) -> None:
         """Persist buffers (None deletes), index entries, count and changelog offset atomically."""
         batch = rocksdict.WriteBatch(raw_mode=True)
@@ -154,19 +159,21 @@ class SessionStore(FaustRocksDBStore):
         for session_id, state in writes.items():
             old = before.get(session_id)
             if old is not None:
-                batch.delete(keys.idle_key(old.last_seen_ms, session_id))
+                batch.delete(keys.idle_key(old.last_seen_us, session_id))
                 delta -= 1
             if state is None:
                 batch.delete(keys.buffer_key(session_id))
             else:
                 batch.put(keys.buffer_key(session_id), state.encode())
-                batch.put(keys.idle_key(state.last_seen_ms, session_id), b"")
+                batch.put(keys.idle_key(state.last_seen_us, session_id), b"")
                 delta += 1
         for session_id, marker in (markers or {}).items():
             if marker is None:
                 batch.delete(keys.marker_key(session_id))
             else:
                 batch.put(keys.marker_key(session_id), marker)
+        if watermark is not None:
+            batch.put(keys.WATERMARK_KEY, keys.encode_offset(watermark))
         self._finish(partition, batch, delta, changelog_offset)
 
     def _finish(self, partition: int, batch: Any, delta: int, changelog_offset: int) -> None:

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,21 +119,28 @@ class Worker:
             time.sleep(0.1)
         raise AssertionError(f"worker {self.name} not ready in {timeout}s:\n{self.log()[-3000:]}")
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, Any]:
         url = f"http://127.0.0.1:{self.web_port}/sessions/"
         with urllib.request.urlopen(url, timeout=5) as response:
             return json.loads(response.read())  # type: ignore[no-any-return]
 
     def wait_for(self, total: str, at_least: int, timeout: float = 60.0) -> None:
+        """Wait until the worker's total named `total` reaches `at_least`."""
+        self.wait_until(lambda s: s["totals"][total] >= at_least, f"{total} >= {at_least}", timeout)
+
+    def wait_until(self, check: Any, what: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until `check(stats)` holds; return those stats."""
         deadline = time.monotonic() + timeout
+        stats: dict[str, Any] = {}
         while time.monotonic() < deadline:
             try:
-                if self.stats()["totals"][total] >= at_least:  # type: ignore[index]
-                    return
+                stats = self.stats()
+                if check(stats):
+                    return stats
             except OSError:
                 pass
             time.sleep(0.05)
-        raise AssertionError(f"{total} never reached {at_least}:\n{self.log()[-3000:]}")
+        raise AssertionError(f"never {what}: {stats}\n{self.log()[-3000:]}")
 
     def kill9(self) -> None:
         assert self.process is not None
@@ -171,6 +179,7 @@ def deployment(
         "SESSIONS_OUTPUT_TOPIC": f"{slug}-records",
         "SESSIONS_EXPIRED_TOPIC": f"{slug}-expired",
         "SESSIONS_DLQ_TOPIC": f"{slug}-dlq",
+        "SESSIONS_ALERTS_TOPIC": f"{slug}-alerts",
         "SESSIONS_DELIMITER": "\\r\\n",
         # The broker's JoinGroup waits half the session timeout (shared/BROKER.md).
         "SESSIONS_BROKER_SESSION_TIMEOUT": "2",
@@ -178,7 +187,7 @@ def deployment(
         # The broker under-reports end offsets of multi-record batches; recovery trusts them.
         "SESSIONS_PRODUCER_MAX_BATCH_SIZE": "1",
     }
-    for name in ("INPUT", "OUTPUT", "EXPIRED", "DLQ"):
+    for name in ("INPUT", "OUTPUT", "EXPIRED", "DLQ", "ALERTS"):
         create_topics_sync(broker.bootstrap, [env[f"SESSIONS_{name}_TOPIC"]], 4)
     running = Deployment(broker, env, tmp_path)
     yield running

@@ -12,7 +12,7 @@ class Buffers(dict[bytes, bytes]):
     """Stored buffers as the agent keeps them: session ID -> encoded SessionState."""
 
     def apply(self, fragments: list[Fragment], delimiter: bytes = NL):  # type: ignore[no-untyped-def]
-        result = apply_fragments(fragments, self.get, delimiter, now_ms=1_000)
+        result = apply_fragments(fragments, self.get, delimiter, now_us=1_000)
         for key, state in result.writes.items():
             if state is None:
                 self.pop(key, None)
@@ -42,6 +42,20 @@ def test_replayed_fragments_are_not_applied_twice() -> None:
     assert replay.fragments_replayed == 2
     assert [r.value for r in replay.records] == [b"de"]
     assert dict(replay.records[0].headers)["seq"] == b"1"
+
+
+def test_fragments_at_or_below_the_watermark_are_skipped_even_without_a_session() -> None:
+    # Session "gone" was closed after offset 7 was applied; its fragments come again.
+    result = apply_fragments(
+        [frag(6, b"gone", b"a\n"), frag(7, b"gone", b"b"), frag(8, b"new", b"c\n")],
+        Buffers().get,
+        NL,
+        now_us=0,
+        applied_through=7,
+    )
+    assert [r.value for r in result.records] == [b"c"]
+    assert (result.fragments_replayed, result.applied_through) == (2, 8)
+    assert b"gone" not in result.writes
 
 
 def test_tombstone_closes_the_session_and_flushes_its_tail() -> None:
@@ -103,3 +117,42 @@ def test_multi_byte_delimiter_split_between_fragments() -> None:
         [frag(0, b"s", b"one\r"), frag(1, b"s", b"\ntwo\r"), frag(2, b"s", b"\n")], b"\r\n"
     )
     assert [r.value for r in result.records] == [b"one", b"two"]
+
+
+def test_overflowing_buffer_is_flushed_and_the_session_goes_on() -> None:
+    buffers = Buffers()
+    result = apply_fragments(
+        [frag(0, b"s", b"a" * 60), frag(1, b"s", b"b" * 60), frag(2, b"s", b"c" * 30 + b"\n")],
+        buffers.get,
+        NL,
+        now_us=0,
+        max_buffer_bytes=100,
+    )
+    assert [(r.value, dict(r.headers)) for r in result.expired] == [
+        (b"a" * 60 + b"b" * 60, {"reason": b"overflow", "seq": b"0"})
+    ]
+    assert [(r.value, dict(r.headers)["seq"]) for r in result.records] == [(b"c" * 30, b"0")]
+    assert result.overflows == 1
+
+
+def test_reject_refuses_new_sessions_beyond_what_may_open() -> None:
+    buffers = Buffers({b"old": SessionState().encode()})
+    result = apply_fragments(
+        [
+            frag(0, b"a", b"x\n"),
+            frag(1, b"b", b"y\n"),
+            frag(2, b"old", b"z\n"),
+            frag(3, b"a", None),
+            frag(4, b"c", b"w\n"),
+        ],
+        buffers.get,
+        NL,
+        now_us=0,
+        may_open=1,
+    )
+    # a opens (1 of 1), b is refused, old is no new session, a closes, then c may open.
+    assert [r.key for r in result.records] == [b"a", b"old", b"c"]
+    (letter,) = result.dead_letters
+    assert letter.fragment.key == b"b"
+    assert dict(letter.headers())["error.stage"] == b"capacity"
+    assert result.live_delta == 1
