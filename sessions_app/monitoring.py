@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import time
+from collections import deque
 
 from sessions_app.app import app, settings
 from sessions_app.capacity import AlarmTransition, CapacityAlarm
@@ -68,3 +70,41 @@ class CapacityMonitor:
 
 
 capacity = CapacityMonitor()
+
+
+class LoopStallMonitor:
+    """Measures how late the event loop wakes a sleeping task: the stall every task sees."""
+
+    PERIOD = 0.02
+    WINDOW = 10.0
+
+    def __init__(self) -> None:
+        self.max_ms = 0.0
+        self.recent: deque[tuple[float, float]] = deque(maxlen=4096)
+
+    def record(self, stall_ms: float, now: float) -> None:
+        self.max_ms = max(self.max_ms, stall_ms)
+        if stall_ms >= 1.0:
+            self.recent.append((now, stall_ms))
+
+    def as_dict(self, now: float) -> dict[str, float]:
+        """Return the longest stall ever and over the last WINDOW seconds, in ms."""
+        window = [ms for at, ms in self.recent if now - at <= self.WINDOW]
+        return {
+            "max_stall_ms": round(self.max_ms, 1),
+            "max_stall_ms_last_10s": round(max(window, default=0.0), 1),
+        }
+
+
+loop_stalls = LoopStallMonitor()
+
+
+@app.task  # type: ignore[untyped-decorator]
+async def watch_event_loop() -> None:
+    """Sleep PERIOD seconds again and again; record how much longer each sleep took."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(LoopStallMonitor.PERIOD)
+        now = loop.time()
+        loop_stalls.record((now - start - LoopStallMonitor.PERIOD) * 1000, now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
 from typing import Any
 
@@ -9,7 +10,7 @@ from faust import web
 
 from sessions_app.app import app, settings
 from sessions_app.counters import totals
-from sessions_app.monitoring import capacity
+from sessions_app.monitoring import capacity, loop_stalls
 from sessions_app.pipeline import live_sessions
 from sessions_app.store import current_budget
 
@@ -40,6 +41,7 @@ class SessionsView(web.View):
             "totals": totals.as_dict(),
             "process_rss_bytes": process_rss_bytes(),
             "rocksdb": budget.usage() if budget else None,
+            "event_loop": loop_stalls.as_dict(asyncio.get_running_loop().time()),
         }
         return self.json(body)
 

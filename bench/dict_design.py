@@ -1,0 +1,60 @@
+"""The design sessions-app replaces: an aiokafka consumer keeping session buffers in a dict.
+
+Run as a process by the benchmarks: it consumes the input topic, appends
+each fragment to its session's bytes, cuts records at the delimiter,
+produces them, and keeps the unfinished tails in a plain dict. It writes
+its progress (fragments consumed) to a file the benchmark polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+
+async def main(bootstrap: str, source: str, sink: str, progress: Path, produce: bool) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(
+        source,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
+    await consumer.start()
+    await producer.start()
+    buffers: dict[bytes, bytes] = {}
+    consumed = 0
+    last_report = 0.0
+    try:
+        while True:
+            batches = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            pending = []
+            for records in batches.values():
+                for record in records:
+                    data = buffers.get(record.key, b"") + record.value
+                    *complete, tail = data.split(b"\n")
+                    buffers[record.key] = tail
+                    if produce:
+                        for item in complete:
+                            pending.append(await producer.send(sink, item, key=record.key))
+                    consumed += 1
+            if pending:
+                await asyncio.gather(*pending)
+            now = time.monotonic()
+            if now - last_report > 0.2:
+                progress.write_text(f"{consumed} {time.time()}")
+                last_report = now
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+if __name__ == "__main__":
+    bootstrap, source, sink, progress, produce = sys.argv[1:6]
+    asyncio.run(main(bootstrap, source, sink, Path(progress), produce == "1"))

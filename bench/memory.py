@@ -1,0 +1,189 @@
+"""Memory benchmark: sessions-app against the dict design, as sessions accumulate.
+
+Feeds distinct sessions, each left with an unfinished remnant of about 64
+bytes, into one sessions-app worker and one dict-design consumer on the
+same embedded broker and input, and prints both processes' RSS after
+100k, 1M and 5M sessions. Then it stops the worker with 100k idle sessions
+of another app, waits past the idle timeout, restarts it so all of them
+expire in one sweep, and prints the longest event-loop stall meanwhile.
+
+    .venv/bin/python -m bench.memory                 # 100k, 1M, 5M
+    .venv/bin/python -m bench.memory --steps 100000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import (
+    ROOT,
+    EmbeddedBroker,
+    Worker,
+    create_topics_sync,
+    mib,
+    rss_bytes,
+    send_remnants,
+)
+
+REMNANT = b"r" * 64
+PARTITIONS = 8
+
+
+def dict_progress(path: Path) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def wait_dict(path: Path, at_least: int, timeout: float = 3600) -> None:
+    deadline = time.monotonic() + timeout
+    while dict_progress(path) < at_least:
+        if time.monotonic() > deadline:
+            raise TimeoutError("dict design did not keep up")
+        time.sleep(0.5)
+
+
+def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
+    topics = ["mem-in", "mem-out", "mem-expired", "mem-dlq", "mem-alerts", "mem-dict-out"]
+    create_topics_sync(broker.bootstrap, topics, PARTITIONS)
+    worker = Worker(
+        broker,
+        workdir,
+        SESSIONS_APP_ID="bench-memory",
+        SESSIONS_INPUT_TOPIC="mem-in",
+        SESSIONS_OUTPUT_TOPIC="mem-out",
+        SESSIONS_EXPIRED_TOPIC="mem-expired",
+        SESSIONS_DLQ_TOPIC="mem-dlq",
+        SESSIONS_ALERTS_TOPIC="mem-alerts",
+        SESSIONS_PARTITIONS=str(PARTITIONS),
+        SESSIONS_MAX_SESSIONS=str(10 * max(steps)),
+        SESSIONS_IDLE_TIMEOUT=str(7 * 86400),
+    ).start()
+    progress = workdir / "dict.progress"
+    dict_design = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.dict_design",
+            broker.bootstrap,
+            "mem-in",
+            "mem-dict-out",
+            str(progress),
+            "1",
+        ],
+        cwd=ROOT,
+    )
+    try:
+        time.sleep(3)
+        base_app, base_dict = rss_bytes(worker.pid), rss_bytes(dict_design.pid)
+        print(
+            f"{'sessions':>10} {'sessions-app RSS':>18} {'dict design RSS':>18}   (at start: "
+            f"{mib(base_app)}, {mib(base_dict)})",
+            flush=True,
+        )
+        rows = []
+        sent = 0
+        for step in steps:
+            seconds = asyncio.run(
+                send_remnants(broker.bootstrap, "mem-in", "s", sent, step, REMNANT)
+            )
+            print(f"  sent {step - sent:,} sessions in {seconds:.0f}s", flush=True)
+            sent = step
+            began = time.monotonic()
+            stats = worker.wait(lambda s, n=step: s["totals"]["fragments_consumed"] >= n)
+            took = time.monotonic() - began
+            wait_dict(progress, step)
+            time.sleep(3)
+            app_rss, dict_rss = rss_bytes(worker.pid), rss_bytes(dict_design.pid)
+            stats = worker.stats()
+            rows.append((step, app_rss, dict_rss))
+            print(
+                f"{step:>10,} {mib(app_rss):>18} {mib(dict_rss):>18}   "
+                f"live={stats['live_sessions']:,} rocksdb={stats['rocksdb']} "
+                f"(worker caught up {took:.0f}s after the send)",
+                flush=True,
+            )
+        if len(rows) >= 2:
+            (n0, a0, d0), (n1, a1, d1) = rows[0], rows[1]
+            ratio = (a1 - a0) / max(d1 - d0, 1)
+            print(
+                f"RSS growth {n0:,} -> {n1:,} sessions: sessions-app {mib(a1 - a0)}, "
+                f"dict design {mib(d1 - d0)}: ratio {ratio:.3f} (target <= 0.1)"
+            )
+        print(f"largest sessions-app RSS: {mib(max(r[1] for r in rows))} (target <= 300 MiB)")
+    finally:
+        worker.stop()
+        dict_design.terminate()
+        dict_design.wait()
+
+
+def expiry_stall(broker: EmbeddedBroker, workdir: Path, sessions: int, idle: float) -> None:
+    topics = ["exp-in", "exp-out", "exp-expired", "exp-dlq", "exp-alerts"]
+    create_topics_sync(broker.bootstrap, topics, PARTITIONS)
+    env = {
+        "SESSIONS_APP_ID": "bench-expiry",
+        "SESSIONS_INPUT_TOPIC": "exp-in",
+        "SESSIONS_OUTPUT_TOPIC": "exp-out",
+        "SESSIONS_EXPIRED_TOPIC": "exp-expired",
+        "SESSIONS_DLQ_TOPIC": "exp-dlq",
+        "SESSIONS_ALERTS_TOPIC": "exp-alerts",
+        "SESSIONS_PARTITIONS": str(PARTITIONS),
+        "SESSIONS_IDLE_TIMEOUT": str(idle),
+        # The embedded broker under-reports end offsets of batched writes; this run restarts.
+        "SESSIONS_PRODUCER_MAX_BATCH_SIZE": "1",
+    }
+    worker = Worker(broker, workdir, **env).start()
+    asyncio.run(send_remnants(broker.bootstrap, "exp-in", "e", 0, sessions, REMNANT))
+    worker.wait(lambda s: s["live_sessions"] >= sessions)
+    worker.stop()
+    time.sleep(idle + 1)
+    worker = Worker(broker, workdir, **env).start()
+    worst = 0.0
+    began = time.monotonic()
+    try:
+        while True:
+            stats = worker.wait(lambda s: True)
+            if stats["totals"]["sessions_expired"] > 0:
+                worst = max(worst, stats["event_loop"]["max_stall_ms_last_10s"])
+            if stats["totals"]["sessions_expired"] >= sessions:
+                break
+            time.sleep(0.2)
+        took = time.monotonic() - began
+        worst = max(worst, worker.stats()["event_loop"]["max_stall_ms_last_10s"])
+        print(
+            f"expiry of {sessions:,} idle sessions in one sweep: {took:.1f}s, "
+            f"longest event-loop stall {worst:.1f} ms (target < 100 ms)"
+        )
+    finally:
+        worker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default="100000,1000000,5000000")
+    parser.add_argument("--expiry-sessions", type=int, default=100_000)
+    parser.add_argument("--skip-growth", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    args = parser.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="sessions-bench-"))
+    try:
+        with EmbeddedBroker() as broker:
+            if not args.skip_growth:
+                growth(broker, workdir / "growth", steps)
+            expiry_stall(broker, workdir / "expiry", args.expiry_sessions, idle=20)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
