@@ -58,4 +58,4 @@ def main() -> None:
 
 
 # The wiring modules register agents, tables, views and commands on `app`.
-from sessions_app import agents, commands, expiry, views  # noqa: E402, F401
+from sessions_app import agents, commands, expiry, monitoring, views  # noqa: E402, F401

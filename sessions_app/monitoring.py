@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from sessions_app.app import app, settings
 from sessions_app.capacity import AlarmTransition, CapacityAlarm
@@ -108,3 +109,18 @@ async def watch_event_loop() -> None:
         await asyncio.sleep(LoopStallMonitor.PERIOD)
         now = loop.time()
         loop_stalls.record((now - start - LoopStallMonitor.PERIOD) * 1000, now)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One point of the dashboard's history."""
+
+    time: float
+    live_sessions: int
+    max_sessions: int
+    rss_bytes: int
+    heap_bytes: int | None
+
+
+history: deque[Sample] = deque(maxlen=360)  # an hour at one sample per HISTORY_PERIOD
+HISTORY_PERIOD = 10.0

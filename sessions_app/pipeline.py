@@ -93,7 +93,6 @@ async def process_fragments(events: Sequence[Any]) -> None:
         )
         results[partition] = result
         live += result.live_delta
-        totals.fragments_consumed += len(fragments)
     if live > settings.max_sessions and not reject:
         _evict(results, live - settings.max_sessions)
 
@@ -112,6 +111,8 @@ async def process_fragments(events: Sequence[Any]) -> None:
             for p, r in results.items()
         }
     )
+    # Counted once delivered and persisted: a total seen in the stats is done.
+    totals.fragments_consumed += len(events)
     for result in results.values():
         _count(result)
     await check_capacity()

@@ -53,6 +53,8 @@ class Settings:
     cap_policy: str = "evict"
     max_buffer_bytes: int = 1024 * 1024
     alerts_topic: str = "sessions-alerts"
+    heap_min_interval: float = 30.0
+    web_token: str | None = None
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -102,6 +104,10 @@ class Settings:
             cap_policy=get("CAP_POLICY", _choice("evict", "reject"), d.cap_policy),
             max_buffer_bytes=get("MAX_BUFFER_BYTES", _size(1, 1024**3), d.max_buffer_bytes),
             alerts_topic=get("ALERTS_TOPIC", _topic_name, d.alerts_topic),
+            heap_min_interval=get(
+                "HEAP_MIN_INTERVAL", _float_range(1.0, 86400.0), d.heap_min_interval
+            ),
+            web_token=get("WEB_TOKEN", _token, d.web_token),
         )
         settings._check_together()
         return settings
@@ -140,6 +146,12 @@ def parse_delimiter(variable: str, raw: str) -> bytes:
     if not value:
         raise SettingsError(variable, raw, allowed)
     return value
+
+
+def _token(variable: str, raw: str) -> str:
+    if len(raw) < 16 or any(c.isspace() for c in raw):
+        raise SettingsError(variable, "<hidden>", "must be at least 16 characters, no spaces")
+    return raw
 
 
 def _text(variable: str, raw: str) -> str:

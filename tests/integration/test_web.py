@@ -1,0 +1,160 @@
+"""The web views of a live worker with real traffic, and the dashboard in a real Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from .conftest import Deployment, Worker
+
+TOKEN = "s3cret-token-for-tests"
+
+
+def get(
+    worker: Worker, path: str, method: str = "GET", token: str | None = None
+) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{worker.web_port}{path}", method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def load(deployment: Deployment, sessions: int) -> None:
+    """Each session: two fragments, one complete record, and a remnant left pending."""
+    items = []
+    for i in range(sessions):
+        key = f"web-{i:04d}".encode()
+        items += [(key, b"first rec", None), (key, b"ord\r\nrest", None)]
+    deployment.produce(items)
+
+
+@pytest.fixture
+def busy_worker(deployment: Deployment) -> Worker:
+    deployment.env["SESSIONS_MAX_SESSIONS"] = "250"
+    deployment.env["SESSIONS_HEAP_MIN_INTERVAL"] = "2"
+    worker = deployment.start_worker()
+    load(deployment, 220)
+    worker.wait_until(lambda s: s["totals"]["fragments_consumed"] == 440, "440 fragments")
+    return worker
+
+
+def test_sessions_alarms_and_metrics_match_the_traffic(busy_worker: Worker) -> None:
+    stats = busy_worker.stats()
+    assert stats["live_sessions"] == 220
+    assert sum(stats["live_sessions_by_partition"].values()) == 220
+    assert len(stats["live_sessions_by_partition"]) == 4
+    assert (stats["max_sessions"], stats["usage"]) == (250, 220 / 250)
+    assert stats["totals"]["records_emitted"] == 220
+    assert stats["totals"]["sessions_opened"] == 220
+    assert stats["alarm"]["state"] == "raised" and stats["alarm"]["since"] > 0
+    assert stats["process_rss_bytes"] > 10 * 1024 * 1024
+    assert stats["rocksdb"]["budget_bytes"] == 128 * 1024 * 1024
+    assert 0 < stats["rocksdb"]["memtable_bytes"] <= stats["rocksdb"]["block_cache_usage_bytes"]
+
+    status, body = get(busy_worker, "/alarms/")
+    assert status == 200
+    assert '"active":[{"alarm":"session-capacity"' in body.replace(" ", "")
+    assert '"state":"raised","count":2' in body.replace(" ", "")  # 200 of 250 raised it
+
+    status, metrics = get(busy_worker, "/metrics")
+    assert status == 200
+    per_partition = re.findall(r'^sessions_live\{partition="(\d+)"\} (\S+)$', metrics, re.M)
+    assert sum(float(v) for _, v in per_partition) == 220
+    assert re.search(r"^sessions_records_emitted_total 220\.0$", metrics, re.M)
+    assert re.search(r"^sessions_fragments_consumed_total 440\.0$", metrics, re.M)
+    assert re.search(r"^sessions_max 250\.0$", metrics, re.M)
+    assert re.search(r"^sessions_capacity_alarm 1\.0$", metrics, re.M)
+
+
+def test_heap_snapshot_is_cached_for_the_interval_and_diffed(busy_worker: Worker) -> None:
+    status, first = get(busy_worker, "/heap/?top=5")
+    assert status == 200
+    taken = float(re.search(r'"taken_at":\s*([\d.]+)', first).group(1))  # type: ignore[union-attr]
+    assert '"kind":"str"' in first.replace(" ", "")
+    assert len(re.findall(r'"kind"', first)) == 5
+    _, again = get(busy_worker, "/heap/")
+    assert f"{taken}" in again  # within the interval: the same snapshot
+    time.sleep(2.2)
+    _, later = get(busy_worker, "/heap/?diff=baseline")
+    assert f'"baseline_taken_at":{taken}' in later.replace(" ", "")
+    assert f'"taken_at":{taken},' not in later.replace(" ", "")
+    assert '"grown":' in later
+    status, text = get(busy_worker, "/heap/?format=text")
+    assert status == 200 and text.startswith("Partition of a set of")
+
+
+def test_read_only_and_bad_parameters(busy_worker: Worker) -> None:
+    for path in ("/sessions/", "/heap/", "/alarms/", "/metrics", "/", "/history/"):
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            assert get(busy_worker, path, method)[0] == 405, (method, path)
+    for path in (
+        "/heap/?format=xml",
+        "/heap/?diff=yesterday",
+        "/heap/?top=0",
+        "/heap/?top=x",
+        "/sessions/?verbose=1",
+    ):
+        status, body = get(busy_worker, path)
+        assert status == 400, path
+        assert '"error"' in body
+    # Faust's own views of table contents and cluster layout are off.
+    for path in ("/table/", "/router/", "/stats/", "/graph/"):
+        assert get(busy_worker, path)[0] == 404, path
+
+
+def test_token_guards_heap_and_metrics(deployment: Deployment) -> None:
+    deployment.env["SESSIONS_WEB_TOKEN"] = TOKEN
+    worker = deployment.start_worker()
+    for path in ("/heap/", "/metrics"):
+        assert get(worker, path)[0] == 401
+        assert get(worker, path, token="wrong-token-of-enough-length")[0] == 401
+        assert get(worker, path, token=TOKEN)[0] == 200
+    assert get(worker, "/sessions/")[0] == 200
+
+
+def test_dashboard_in_chromium_shows_the_workers_numbers(busy_worker: Worker) -> None:
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is installed by ./run setup"
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                f"http://127.0.0.1:{busy_worker.web_port}/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    dom = done.stdout
+    assert "updated" in dom, done.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", dom).group(1)  # type: ignore[union-attr]
+    shown = dict(re.findall(r'data-chart-([a-z-]+)="([^"]*)"', body))
+    assert shown["live-sessions"] == "220"
+    assert shown["cap"] == "250"
+    assert shown["alarm-line"] == "200"
+    assert 10 < float(shown["rss-mib"]) < 2000
+    assert re.search(r'id="live">220<', dom)
+    assert re.search(r'id="alarm"[^>]*>raised<', dom)
+    assert dom.count("<canvas") == 2
