@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import faust
 
@@ -20,6 +21,8 @@ def load_settings() -> Settings:
 
 
 settings = load_settings()
+# Faust creates the data directory without its parents (Procfile: ./sessions-data/worker-$PORT).
+Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
 
 # aiokafka builds a debug record for every message it sends (its loggers are left
 # at NOTSET): that cost a tenth of the worker's CPU.
@@ -48,6 +51,8 @@ app = faust.App(
     web_stats_enabled=False,
     web_graph_enabled=False,
     TableManager="sessions_app.recovery:OrderedTableManager",
+    # Standby replicas keep a copy of other workers' partitions warm for a fast takeover.
+    table_standby_replicas=settings.standby_replicas,
     autodiscover=False,
 )
 

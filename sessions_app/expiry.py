@@ -74,7 +74,10 @@ async def sweep_step() -> bool:
     victims: dict[int, list[bytes]] = {}
     found = 0
     for partition in partitions:
-        for key in data.db(partition).keys(from_key=keys.IDLE):
+        db = data.open_db(partition)
+        if db is None:
+            continue
+        for key in db.keys(from_key=keys.IDLE):
             if key >= bound or found >= SWEEP_BATCH:
                 break
             victims.setdefault(partition, []).append(keys.parse_idle_key(key)[1])
@@ -85,7 +88,9 @@ async def sweep_step() -> bool:
     changes: dict[int, Changes] = {}
     flushes: dict[int, list[OutRecord]] = {}
     for partition, session_ids in victims.items():
-        db = data.db(partition)
+        db = data.open_db(partition)
+        if db is None:
+            continue
         change = changes[partition] = Changes()
         for session_id in session_ids:
             raw = db.get(keys.buffer_key(session_id))
@@ -109,8 +114,11 @@ async def sweep_step() -> bool:
 
 
 def _markers(partition: int) -> dict[bytes, keys.FlushMarker]:
-    markers = {}
-    for key, value in store().db(partition).items(from_key=keys.MARKER):
+    markers: dict[bytes, keys.FlushMarker] = {}
+    db = store().open_db(partition)
+    if db is None:
+        return markers
+    for key, value in db.items(from_key=keys.MARKER):
         if key[:1] != keys.MARKER:
             break
         markers[key[1:]] = keys.FlushMarker.decode(value)

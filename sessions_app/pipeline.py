@@ -54,7 +54,12 @@ def active_partitions() -> list[int]:
     """Return the table partitions this worker is active for (not standby)."""
     # Input and table are co-partitioned: the active table partitions are the input's.
     source = settings.input_topic
-    return sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == source)
+    open_dbs = store()._dbs
+    return sorted(
+        tp.partition
+        for tp in app.consumer.assignment()
+        if tp.topic == source and tp.partition in open_dbs
+    )
 
 
 def live_sessions() -> dict[int, int]:
@@ -76,8 +81,11 @@ async def process_fragments(events: Sequence[Any]) -> None:
     live = sum(live_sessions().values())
     reject = settings.cap_policy == "reject"
     results: dict[int, BatchResult] = {}
-    for partition, fragments in by_partition.items():
-        db = data.db(partition)
+    for partition, fragments in list(by_partition.items()):
+        db = data.open_db(partition)
+        if db is None:  # revoked: the new owner reads these fragments again
+            del by_partition[partition]
+            continue
 
         def load(session_id: bytes, get: Any = db.get) -> bytes | None:
             return get(keys.buffer_key(session_id))  # type: ignore[no-any-return]
@@ -112,7 +120,7 @@ async def process_fragments(events: Sequence[Any]) -> None:
         }
     )
     # Counted once delivered and persisted: a total seen in the stats is done.
-    totals.fragments_consumed += len(events)
+    totals.fragments_consumed += sum(len(f) for f in by_partition.values())
     for result in results.values():
         _count(result)
     await check_capacity()
@@ -130,7 +138,10 @@ def _evict(results: dict[int, BatchResult], how_many: int) -> None:
     for partition in active_partitions():
         touched = results[partition].writes if partition in results else {}
         taken = 0
-        for key in data.db(partition).keys(from_key=keys.IDLE):
+        db = data.open_db(partition)
+        if db is None:
+            continue
+        for key in db.keys(from_key=keys.IDLE):
             if key >= keys.IDLE_END or taken >= how_many:
                 break
             last_seen, session_id = keys.parse_idle_key(key)
@@ -139,7 +150,8 @@ def _evict(results: dict[int, BatchResult], how_many: int) -> None:
                 taken += 1
     victims: list[tuple[int, bytes, SessionState]] = []
     for _, partition, session_id in sorted(candidates)[:how_many]:
-        raw = data.db(partition).get(keys.buffer_key(session_id))
+        db = data.open_db(partition)
+        raw = None if db is None else db.get(keys.buffer_key(session_id))
         if raw is not None:
             victims.append((partition, session_id, SessionState.decode(raw)))
     if len(victims) < how_many:

@@ -55,6 +55,7 @@ class Settings:
     alerts_topic: str = "sessions-alerts"
     heap_min_interval: float = 30.0
     web_token: str | None = None
+    standby_replicas: int = 1
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -108,6 +109,7 @@ class Settings:
                 "HEAP_MIN_INTERVAL", _float_range(1.0, 86400.0), d.heap_min_interval
             ),
             web_token=get("WEB_TOKEN", _token, d.web_token),
+            standby_replicas=get("STANDBY_REPLICAS", _int_range(0, 10), d.standby_replicas),
         )
         settings._check_together()
         return settings

@@ -121,19 +121,32 @@ class SessionStore(FaustRocksDBStore):
         self.live: dict[int, int] = {}
 
     def db(self, partition: int) -> Any:
-        """Return the RocksDB instance of a partition, opening it if needed."""
+        """Return the RocksDB instance of a partition, opening it if needed (Faust's own paths)."""
         return self._db_for_partition(partition)
 
+    def open_db(self, partition: int) -> Any | None:
+        """Return a partition's RocksDB instance if Faust has it open, else None.
+
+        Never opens one: a partition revoked while a batch was in flight stays
+        closed (its changelog is already written), and reopening it while the
+        old handle lives would fail on RocksDB's lock.
+        """
+        return self._dbs.get(partition)
+
     def live_count(self, partition: int) -> int:
-        """Return the number of live sessions stored for a partition."""
+        """Return the number of live sessions stored for an open partition (0 if not open)."""
         count = self.live.get(partition)
         if count is None:
-            count = self.live[partition] = keys.decode_count(self.db(partition).get(keys.COUNT_KEY))
+            db = self.open_db(partition)
+            if db is None:
+                return 0
+            count = self.live[partition] = keys.decode_count(db.get(keys.COUNT_KEY))
         return count
 
     def watermark(self, partition: int) -> int:
         """Return the highest input offset applied in a partition, -1 for none."""
-        return keys.decode_offset(self.db(partition).get(keys.WATERMARK_KEY))
+        db = self.open_db(partition)
+        return -1 if db is None else keys.decode_offset(db.get(keys.WATERMARK_KEY))
 
     def revoke_partitions(self, table: Any, tps: set[TP]) -> None:
         super().revoke_partitions(table, tps)
@@ -176,13 +189,24 @@ class SessionStore(FaustRocksDBStore):
             batch.put(keys.WATERMARK_KEY, keys.encode_offset(watermark))
         self._finish(partition, batch, delta, changelog_offset)
 
-    def _finish(self, partition: int, batch: Any, delta: int, changelog_offset: int) -> None:
-        count = self.live_count(partition) + delta
+    def _finish(
+        self, partition: int, batch: Any, delta: int, changelog_offset: int, db: Any = None
+    ) -> None:
+        db = db if db is not None else self.open_db(partition)
+        if db is None:
+            # Revoked meanwhile: the changelog has the change for whoever recovers it.
+            self.log.info("Partition %d revoked before its write; left to the changelog", partition)
+            return
+        count = self._count_in(partition, db) + delta
         batch.put(keys.COUNT_KEY, keys.encode_count(count))
         # Faust reads this key at recovery and replays the changelog after it.
         batch.put(self.offset_key, str(changelog_offset).encode())
-        self.db(partition).write(batch)
+        db.write(batch)
         self.live[partition] = count
+
+    def _count_in(self, partition: int, db: Any) -> int:
+        count = self.live.get(partition)
+        return keys.decode_count(db.get(keys.COUNT_KEY)) if count is None else count
 
     def apply_changelog_batch(
         self,
@@ -220,4 +244,4 @@ class SessionStore(FaustRocksDBStore):
                 write.put(key, value)
             seen[key] = value
         for partition, (write, _, (delta, offset)) in per_partition.items():
-            self._finish(partition, write, delta, offset)
+            self._finish(partition, write, delta, offset, self.db(partition))

@@ -54,7 +54,7 @@ def rocksdb_memory() -> dict[str, int] | None:
         return None
     usage = budget.usage()
     readers = 0
-    for db in list(store()._dbs.values()):
+    for db in list(store()._dbs.values()):  # the open instances, standbys included
         readers += int(db.property_int_value("rocksdb.estimate-table-readers-mem") or 0)
     usage["table_readers_bytes"] = readers
     return usage
