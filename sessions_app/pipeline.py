@@ -221,9 +221,13 @@ async def persist(changes: dict[int, Changes]) -> None:
     producer = app.producer
     changelog = session_buffers.changelog_topic.get_topic_name()
     pending: list[tuple[int, Any]] = []
+    # Encoded once: the same bytes go to the changelog and to RocksDB.
+    encoded = {
+        partition: {sid: None if s is None else s.encode() for sid, s in change.writes.items()}
+        for partition, change in changes.items()
+    }
     for partition, change in changes.items():
-        for session_id, state in change.writes.items():
-            value = None if state is None else state.encode()
+        for session_id, value in encoded[partition].items():
             pending.append(
                 (
                     partition,
@@ -264,6 +268,7 @@ async def persist(changes: dict[int, Changes]) -> None:
             partition,
             change.writes,
             change.before,
+            encoded[partition],
             last[partition],
             change.markers,
             change.watermark,

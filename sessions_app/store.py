@@ -162,11 +162,15 @@ class SessionStore(FaustRocksDBStore):
         partition: int,
         writes: Mapping[bytes, SessionState | None],
         before: Mapping[bytes, SessionState | None],
+        encoded: Mapping[bytes, bytes | None],
         changelog_offset: int,
         markers: Mapping[bytes, bytes | None] | None = None,
         watermark: int | None = None,
     ) -> None:
-        """Persist buffers (None deletes), index entries, count and changelog offset atomically."""
+        """Persist buffers (None deletes), index entries, count and changelog offset atomically.
+
+        `encoded` holds each state of `writes` in its stored form, as sent to the changelog.
+        """
         batch = rocksdict.WriteBatch(raw_mode=True)
         delta = 0
         for session_id, state in writes.items():
@@ -177,7 +181,7 @@ class SessionStore(FaustRocksDBStore):
             if state is None:
                 batch.delete(keys.buffer_key(session_id))
             else:
-                batch.put(keys.buffer_key(session_id), state.encode())
+                batch.put(keys.buffer_key(session_id), encoded[session_id])
                 batch.put(keys.idle_key(state.last_seen_us, session_id), b"")
                 delta += 1
         for session_id, marker in (markers or {}).items():
