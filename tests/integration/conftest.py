@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from sessions_app.embedded_broker import EmbeddedBroker, create_topics_sync, free_port
+from sessions_app.loadgen import Session, Verification
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +72,32 @@ class Deployment:
 
     def read(self, name: str, count: int, timeout: float = 60.0) -> list[Record]:
         """Read topic `name` from the start until `count` records are in (or timeout)."""
-        return asyncio.run(_read(self.broker.bootstrap, self.topic(name), count, timeout))
+        return self.read_until(name, lambda records: len(records) >= count, timeout)
+
+    def read_until(
+        self, name: str, done: Callable[[list[Record]], bool], timeout: float = 60.0
+    ) -> list[Record]:
+        """Read topic `name` from the start until `done(records)` holds (or timeout)."""
+        return asyncio.run(_read(self.broker.bootstrap, self.topic(name), done, timeout))
+
+    def verify(self, sessions: list[Session], timeout: float = 120.0) -> tuple[Verification, int]:
+        """Read the output until every record of `sessions` is in (or timeout); check each.
+
+        Returns the verification and the number of output records of these sessions read.
+        Reading stops on completeness, not on a count: repeats after a crash would otherwise
+        make a count reached early and leave records unread.
+        """
+        expected = {s.key: s.records for s in sessions}
+
+        def check(records: list[Record]) -> Verification:
+            verification = Verification(expected)
+            for record in records:
+                verification.add(record.key, record.value, record.headers.get("seq"), 0)
+            return verification
+
+        out = self.read_until("output", lambda records: check(records).complete, timeout)
+        verification = check(out)
+        return verification, verification.received
 
 
 class Worker:
@@ -212,7 +238,9 @@ async def _produce(
         await producer.stop()
 
 
-async def _read(bootstrap: str, topic: str, count: int, timeout: float) -> list[Record]:
+async def _read(
+    bootstrap: str, topic: str, done: Callable[[list[Record]], bool], timeout: float
+) -> list[Record]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -224,13 +252,13 @@ async def _read(bootstrap: str, topic: str, count: int, timeout: float) -> list[
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         deadline = time.monotonic() + timeout
-        while len(records) < count and time.monotonic() < deadline:
+        while not done(records) and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=200)
             for batch in batches.values():
                 records += [
                     Record(r.partition, r.offset, r.key, r.value, dict(r.headers)) for r in batch
                 ]
-        # Anything beyond `count` that is already there is part of the answer too.
+        # Anything beyond what `done` needed that is already there is part of the answer too.
         batches = await consumer.getmany(timeout_ms=300)
         for batch in batches.values():
             records += [
