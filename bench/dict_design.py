@@ -13,8 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+from sessions_app.settings import parse_delimiter
 
-async def main(bootstrap: str, source: str, sink: str, progress: Path, produce: bool) -> None:
+
+async def main(
+    bootstrap: str, source: str, sink: str, progress: Path, produce: bool, delimiter: bytes
+) -> None:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     consumer = AIOKafkaConsumer(
@@ -38,7 +42,7 @@ async def main(bootstrap: str, source: str, sink: str, progress: Path, produce: 
             for records in batches.values():
                 for record in records:
                     data = buffers.get(record.key, b"") + record.value
-                    *complete, tail = data.split(b"\n")
+                    *complete, tail = data.split(delimiter)
                     buffers[record.key] = tail
                     if produce:
                         for item in complete:
@@ -57,4 +61,7 @@ async def main(bootstrap: str, source: str, sink: str, progress: Path, produce: 
 
 if __name__ == "__main__":
     bootstrap, source, sink, progress, produce = sys.argv[1:6]
-    asyncio.run(main(bootstrap, source, sink, Path(progress), produce == "1"))
+    # Optional sixth argument: the delimiter, with escapes such as \r\n (default \n).
+    escaped = sys.argv[6] if len(sys.argv) > 6 else "\\n"
+    delimiter = parse_delimiter("delimiter argument", escaped)
+    asyncio.run(main(bootstrap, source, sink, Path(progress), produce == "1", delimiter))

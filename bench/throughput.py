@@ -1,0 +1,284 @@
+"""Throughput benchmark: sessions-app side by side with the raw client and its peers.
+
+One embedded broker, one pre-produced input (50k sessions of 3 records of
+40-160 bytes, each record cut into 1-3 fragments, sessions interleaved), read
+in turn by each contender as a process with its own output topic:
+
+  raw          aiokafka consume and produce, each fragment unchanged (the limit)
+  dict         the dict design: aiokafka, buffers in a dict (bench/dict_design.py)
+  stock-faust  a Faust agent updating a RocksDB table per fragment (bench/stock_faust.py)
+  sessions-app a sessions-app worker with its defaults
+  quix         quixstreams with its RocksDB state (bench/peers.py; `pip install -e .[bench]`)
+
+Throughput is fragments per second from the first output record to the last
+one (their timestamps, stamped by each contender's producer when it sends).
+Every contender's output is checked against the input: each session's
+records, byte for byte and in order. CPU is the contender process's user +
+system seconds per 100k fragments, start-up included.
+
+    .venv/bin/python -m bench.throughput [--sessions 50000] [--only dict,sessions-app]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import ROOT, EmbeddedBroker, create_topics_sync, free_port
+from sessions_app.loadgen import generate, interleave
+
+PARTITIONS = 4
+DELIMITER = b"\r\n"
+ESCAPED = "\\r\\n"
+CONTENDERS = ["raw", "dict", "stock-faust", "sessions-app", "quix"]
+
+
+@dataclass
+class Result:
+    name: str
+    fragments_per_s: float
+    cpu_per_100k: float
+    output: int
+    verdict: str
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def produce_input(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        pending = []
+        for key, fragment in items:
+            pending.append(await producer.send(topic, fragment, key=key))
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+async def wait_for_output(
+    bootstrap: str, topic: str, count: int, alive: Callable[[], bool], timeout: float
+) -> None:
+    """Wait until `topic` holds `count` records, reading only its high watermarks."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=4096
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        # The broker's ListOffsets under-reports (shared/BROKER.md); fetches give the truth.
+        ends = dict.fromkeys(tps, 0)
+        deadline = time.monotonic() + timeout
+        while sum(ends.values()) < count:
+            if time.monotonic() > deadline or not alive():
+                raise TimeoutError(f"{topic}: {sum(ends.values())} of {count} records")
+            for tp in tps:
+                consumer.seek(tp, max(0, ends[tp] - 1))
+            await consumer.getmany(timeout_ms=100, max_records=PARTITIONS)
+            for tp in tps:
+                ends[tp] = max(ends[tp], consumer.highwater(tp) or 0)
+            await asyncio.sleep(0.3)
+    finally:
+        await consumer.stop()
+
+
+async def read_all(bootstrap: str, topic: str) -> tuple[list[float], dict[bytes, list[bytes]]]:
+    """Every record of `topic`: the timestamps (s), and values per key in partition order."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    stamps: list[float] = []
+    by_key: dict[bytes, list[bytes]] = defaultdict(list)
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        idle = 0
+        while idle < 5:
+            batches = await consumer.getmany(timeout_ms=200, max_records=50_000)
+            idle = 0 if batches else idle + 1
+            for records in batches.values():
+                for r in records:
+                    stamps.append(r.timestamp / 1000)
+                    by_key[r.key or b""].append(r.value or b"")
+    finally:
+        await consumer.stop()
+    return stamps, by_key
+
+
+class Bench:
+    def __init__(self, broker: EmbeddedBroker, workdir: Path, sessions: int) -> None:
+        self.broker, self.workdir = broker, workdir
+        generated = generate("t", sessions, 3, DELIMITER, seed=6)
+        self.items = list(interleave(generated, seed=6))
+        self.expected = {s.key: s.records for s in generated}
+        self.records = sum(len(r) for r in self.expected.values())
+        self.fragments = len(self.items)
+        self.by_key_fragments: dict[bytes, list[bytes]] = defaultdict(list)
+        for key, fragment in self.items:
+            self.by_key_fragments[key].append(fragment)
+        create_topics_sync(broker.bootstrap, ["tp-in"], PARTITIONS)
+        asyncio.run(produce_input(broker.bootstrap, "tp-in", self.items))
+
+    def command(self, name: str, sink: str) -> tuple[list[str], dict[str, str]]:
+        py, bootstrap, state = sys.executable, self.broker.bootstrap, self.workdir / name
+        if name == "raw":
+            return [py, "-m", "bench.peers", "raw", bootstrap, "tp-in", sink], {}
+        if name == "dict":
+            progress = str(self.workdir / "dict.progress")
+            return [
+                py,
+                "-m",
+                "bench.dict_design",
+                bootstrap,
+                "tp-in",
+                sink,
+                progress,
+                "1",
+                ESCAPED,
+            ], {}
+        if name == "quix":
+            args = ["quix", bootstrap, "tp-in", sink, ESCAPED, str(state), f"bench-{sink}"]
+            return [py, "-m", "bench.peers", *args], {}
+        if name == "stock-faust":
+            env = {
+                "STOCK_APP_ID": f"bench-{sink}",
+                "STOCK_BROKER_URL": self.broker.url,
+                "STOCK_DATA_DIR": str(state),
+                "STOCK_PARTITIONS": str(PARTITIONS),
+                "STOCK_SOURCE": "tp-in",
+                "STOCK_SINK": sink,
+                "STOCK_DELIMITER": ESCAPED,
+            }
+            return [py, "-m", "faust", "-A", "bench.stock_faust", "worker", "-l", "warn"], env
+        if name == "sessions-app":
+            env = {
+                "SESSIONS_APP_ID": f"bench-{sink}",
+                "SESSIONS_BROKER_URL": self.broker.url,
+                "SESSIONS_DATA_DIR": str(state),
+                "SESSIONS_WEB_PORT": str(free_port()),
+                "SESSIONS_PARTITIONS": str(PARTITIONS),
+                "SESSIONS_INPUT_TOPIC": "tp-in",
+                "SESSIONS_OUTPUT_TOPIC": sink,
+                "SESSIONS_EXPIRED_TOPIC": f"{sink}-expired",
+                "SESSIONS_DLQ_TOPIC": f"{sink}-dlq",
+                "SESSIONS_ALERTS_TOPIC": f"{sink}-alerts",
+                "SESSIONS_DELIMITER": ESCAPED,
+                # The embedded broker holds a JoinGroup for half the session timeout.
+                "SESSIONS_BROKER_SESSION_TIMEOUT": "2",
+                "SESSIONS_BROKER_HEARTBEAT_INTERVAL": "0.5",
+            }
+            return [py, "-m", "sessions_app", "worker", "-l", "warn"], env
+        raise ValueError(name)
+
+    def run(self, name: str) -> Result:
+        sink = f"tp-out-{name}"
+        create_topics_sync(
+            self.broker.bootstrap,
+            [sink]
+            + ([f"{sink}-{t}" for t in ("expired", "dlq", "alerts")] * (name == "sessions-app")),
+            PARTITIONS,
+        )
+        command, env = self.command(name, sink)
+        want = self.fragments if name == "raw" else self.records
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            asyncio.run(
+                wait_for_output(
+                    self.broker.bootstrap, sink, want, lambda: process.poll() is None, 1800
+                )
+            )
+            cpu = cpu_seconds(process.pid)
+        except TimeoutError as exc:
+            tail = log.read_text(errors="replace")[-2000:]
+            return Result(name, 0.0, 0.0, 0, f"FAILED: {exc}\n{tail}")
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        stamps, by_key = asyncio.run(read_all(self.broker.bootstrap, sink))
+        truth = self.by_key_fragments if name == "raw" else self.expected
+        wrong = sum(1 for key, values in truth.items() if by_key.get(key) != values)
+        extra = set(by_key) - set(truth)
+        verdict = (
+            "ok" if not wrong and not extra else f"{wrong} sessions differ, {len(extra)} unknown"
+        )
+        elapsed = max(stamps) - min(stamps)
+        return Result(
+            name, self.fragments / elapsed, cpu / self.fragments * 100_000, len(stamps), verdict
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=50_000)
+    parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown contenders {sorted(unknown)}; choose from {CONTENDERS}")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    results: list[Result] = []
+    try:
+        with EmbeddedBroker() as broker:
+            bench = Bench(broker, workdir, args.sessions)
+            print(
+                f"input: {bench.fragments:,} fragments, {bench.records:,} records, "
+                f"{args.sessions:,} sessions, {PARTITIONS} partitions; {os.cpu_count()} CPUs",
+                flush=True,
+            )
+            for name in names:
+                result = bench.run(name)
+                results.append(result)
+                print(
+                    f"{name:<13}{result.fragments_per_s:>12,.0f} fragments/s"
+                    f"{result.cpu_per_100k:>8.1f} CPU s/100k  {result.output:>9,} out  "
+                    f"{result.verdict}",
+                    flush=True,
+                )
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(workdir)
+    ours = next((r for r in results if r.name == "sessions-app" and r.fragments_per_s), None)
+    if ours:
+        for other in results:
+            if other is not ours and other.fragments_per_s:
+                ratio = ours.fragments_per_s / other.fragments_per_s
+                print(f"sessions-app / {other.name:<12} {ratio:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
