@@ -1,17 +1,18 @@
-"""The reassembly agent: drain the input channel in batches and hand them to the pipeline.
+"""The reassembly agent: take the input a fetch at a time and hand it to the pipeline.
 
-Faust's Stream costs tens of microseconds per event (processors, context,
-sensors, one ack each), which capped the worker near 15k fragments/s. The
-agent drains its channel's queue in batches instead and acks a batch only
-once sessions_app.pipeline has delivered and persisted it.
+Faust's Stream and consumer loop cost tens of microseconds per event; the
+app's consumer (sessions_app.intake) hands this agent whole fetches instead,
+and the agent acks a batch only once sessions_app.pipeline has delivered and
+persisted it.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from sessions_app.app import app
+from sessions_app.expiry import resolve_interrupted_flushes
+from sessions_app.intake import IntakeConsumer
 from sessions_app.pipeline import buffers_lock, process_fragments
 from sessions_app.topics import (
     alerts_topic,
@@ -21,10 +22,9 @@ from sessions_app.topics import (
     records_topic,
 )
 
-# A batch is what arrives within BATCH_WINDOW seconds of its first fragment, at most
+# A batch is what has been fetched when the previous one is done, at most
 # BATCH_MAX_FRAGMENTS: each batch costs two broker round trips, whatever its size.
-BATCH_MAX_FRAGMENTS = 5000
-BATCH_WINDOW = 0.01
+BATCH_MAX_FRAGMENTS = 20_000
 
 
 @app.agent(fragments_topic)
@@ -32,26 +32,30 @@ async def reassemble_sessions(stream: Any) -> None:
     """Turn fragments into complete records, one batch at a time."""
     for topic in (records_topic, expired_topic, dead_letter_topic, alerts_topic):
         await topic.maybe_declare()
-    channel = stream.channel.__aiter__()  # subscribes the channel with the conductor
-    queue = channel.queue
-    consumer = app.consumer
+    # Subscribes the input topic; its records arrive through the consumer's intake.
+    stream.channel.__aiter__()
+    consumer: IntakeConsumer = app.consumer  # type: ignore[assignment]
+    intake = consumer.intake
     flow_control = app.flow_control
     lock = buffers_lock()
+    source = fragments_topic.get_topic_name()
     while True:
-        try:
-            events = [await queue.get()]
-        except StopAsyncIteration:  # Faust ends the channel when the worker stops
-            return
-        if queue.qsize() < BATCH_MAX_FRAGMENTS:
-            await asyncio.sleep(BATCH_WINDOW)
-        while len(events) < BATCH_MAX_FRAGMENTS and not queue.empty():
-            events.append(queue.get_nowait())
-        # Rebalancing: wait, then drop what belongs to partitions no longer ours.
+        fetches = [await intake.get()]
+        while sum(len(b) for _, b in fetches) < BATCH_MAX_FRAGMENTS and not intake.empty():
+            fetches.append(intake.get_nowait())
+        # Rebalancing: wait; drop fetches from before it (recovery seeks, they come again)
+        # and what belongs to partitions no longer ours.
         await flow_control.acquire()
-        assigned = consumer.assignment()
-        events = [event for event in events if event.message.tp in assigned]
-        if events:
+        mine = {tp.partition for tp in consumer.assignment() if tp.topic == source}
+        batch = [
+            record
+            for generation, records in fetches
+            if consumer.is_current(generation)
+            for record in records
+            if record.partition in mine
+        ]
+        if batch:
             async with lock:
-                await process_fragments(events)
-        for event in events:
-            event.message.ack(consumer)
+                await resolve_interrupted_flushes({record.partition for record in batch})
+                await process_fragments(batch)
+            consumer.ack_records(batch)

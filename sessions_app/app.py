@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import faust
 
@@ -28,7 +29,26 @@ Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
 # at NOTSET): that cost a tenth of the worker's CPU.
 logging.getLogger("aiokafka").setLevel(logging.INFO)
 
-app = faust.App(
+
+class SessionsApp(faust.App):
+    """A Faust app whose consumer hands the input topic over a fetch at a time."""
+
+    def _new_consumer(self) -> Any:
+        from sessions_app.intake import IntakeConsumer
+
+        consumer = IntakeConsumer(
+            self.transport,
+            callback=self.topics.on_message,
+            on_partitions_revoked=self._on_partitions_revoked,
+            on_partitions_assigned=self._on_partitions_assigned,
+            beacon=self.beacon,
+            loop=self.transport.loop,
+        )
+        consumer.intake_topic = settings.input_topic
+        return consumer
+
+
+app = SessionsApp(
     settings.app_id,
     broker=settings.broker_url,
     store="rocksdb://",

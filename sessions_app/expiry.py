@@ -125,20 +125,47 @@ def _markers(partition: int) -> dict[bytes, keys.FlushMarker]:
     return markers
 
 
+async def resolve_interrupted_flushes(partitions: set[int]) -> None:
+    """Finish the idle flushes a crash interrupted in these partitions, if any.
+
+    Called before fragments of a partition are applied, so a session a crash left
+    half-expired is settled before any new fragment can reach it.
+    """
+    for partition in sorted(partitions):
+        markers = _markers(partition)
+        if markers:
+            await resolve_markers(partition, markers)
+
+
 async def resolve_markers(partition: int, markers: dict[bytes, keys.FlushMarker]) -> None:
-    """Finish idle flushes a crash interrupted: send each remnant the expired topic lacks."""
-    start = min(m.scan_from for m in markers.values())
-    wanted = {(session_id, m.seq) for session_id, m in markers.items()}
-    present = await _flushes_present(partition, start, wanted)
+    """Finish idle flushes a crash interrupted: send each remnant the expired topic lacks.
+
+    A marker whose session still has its buffer was written, but the tombstone after it
+    never reached the changelog: that expiry did not happen and nothing was flushed
+    (flushes are sent only once both are in), so the marker is dropped and the session
+    lives on. A marker whose buffer is gone is a flush that may or may not have been sent.
+    """
+    db = store().open_db(partition)
+    if db is None:
+        return
+    live = {sid for sid in markers if db.get(keys.buffer_key(sid)) is not None}
+    done = {sid: m for sid, m in markers.items() if sid not in live}
+    present: set[tuple[bytes, int]] = set()
+    if done:
+        start = min(m.scan_from for m in done.values())
+        wanted = {(session_id, m.seq) for session_id, m in done.items()}
+        present = await _flushes_present(partition, start, wanted)
     missing = [
         remnant(session_id, SessionState(next_seq=m.seq, pending=m.pending), "idle")
-        for session_id, m in markers.items()
+        for session_id, m in done.items()
         if (session_id, m.seq) not in present
     ]
     logger.info(
-        "Partition %d: %d interrupted idle flushes, %d already on %s, sending %d",
+        "Partition %d: %d interrupted idle flushes (%d never took effect), %d already on %s,"
+        " sending %d",
         partition,
         len(markers),
+        len(live),
         len(present),
         settings.expired_topic,
         len(missing),

@@ -68,11 +68,10 @@ def live_sessions() -> dict[int, int]:
     return {p: data.live_count(p) for p in active_partitions()}
 
 
-async def process_fragments(events: Sequence[Any]) -> None:
-    """Apply one batch of consumed events, then send and persist what it produced."""
+async def process_fragments(consumed: Sequence[Any]) -> None:
+    """Apply one batch of consumed records, then send and persist what it produced."""
     by_partition: dict[int, list[Fragment]] = {}
-    for arrival, event in enumerate(events):
-        m = event.message
+    for arrival, m in enumerate(consumed):
         by_partition.setdefault(m.partition, []).append(
             Fragment(m.topic, m.partition, m.offset, m.key, m.value, arrival)
         )
@@ -227,21 +226,23 @@ async def persist(changes: dict[int, Changes]) -> None:
         for partition, change in changes.items()
     }
     for partition, change in changes.items():
-        for session_id, value in encoded[partition].items():
-            pending.append(
-                (
-                    partition,
-                    await producer.send(
-                        changelog, keys.buffer_key(session_id), value, partition, None, None
-                    ),
-                )
-            )
+        # Markers before buffers: the changelog is written in order per partition, so a
+        # crash never leaves an expired session's tombstone without its flush marker.
         for session_id, marker in change.markers.items():
             pending.append(
                 (
                     partition,
                     await producer.send(
                         changelog, keys.marker_key(session_id), marker, partition, None, None
+                    ),
+                )
+            )
+        for session_id, value in encoded[partition].items():
+            pending.append(
+                (
+                    partition,
+                    await producer.send(
+                        changelog, keys.buffer_key(session_id), value, partition, None, None
                     ),
                 )
             )
