@@ -8,10 +8,10 @@ reassembly, held the worker near 10k fragments/s. This consumer keeps
 everything Faust does for correctness and does it once per fetch:
 
 - records of partitions not active (paused, being recovered) are skipped, and
-  nothing fetched before a rebalance is handed over after it: each fetch is
-  tagged with the consumer generation it was fetched in, and one from an older
-  generation is dropped, as Faust drops its per-record messages; recovery seeks
-  every partition again (sessions_app.recovery), so they are read again;
+  nothing handed over before a rebalance is applied after it: each fetch is
+  tagged with the consumer generation it was handed over in, and the agent drops
+  one from an older generation, as Faust drops its per-record messages; recovery
+  seeks every partition again (sessions_app.recovery), so they are read again;
 - the read offset per partition drops records already handed over, and offset
   gaps (compaction, transaction markers) are recorded so commits can pass them;
 - acks go into Faust's own bookkeeping (`_acked`, `_acked_index`, `_n_acked`),
@@ -58,16 +58,12 @@ class IntakeConsumer(Consumer):
         intake = self.intake
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
-                generation = self.app.consumer_generation_id
                 records, active = await self._wait_next_records(1.0)
                 await self.sleep(0)
-                if (
-                    not records
-                    or self.should_stop
-                    or not self.flow_active
-                    or generation != self.app.consumer_generation_id
-                ):
+                if not records or self.should_stop or not self.flow_active:
                     continue
+                # As Faust's getmany: the generation the fetch is handed over in.
+                generation = self.app.consumer_generation_id
                 batch: list[Any] = []
                 for tp, fetched in records.items():
                     if not (active is None or tp in active or tp in self._buffered_partitions):

@@ -173,93 +173,89 @@ def _evict(results: dict[int, BatchResult], how_many: int) -> None:
         totals.sessions_evicted += 1
 
 
+Outgoing = tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]
+
+
+async def send_batched(sends: dict[tuple[str, int], list[Outgoing]]) -> dict[tuple[str, int], int]:
+    """Send (key, value, headers) lists to their (topic, partition); wait until all are in.
+
+    Records go into the producer's batches directly, a batch per
+    SESSIONS_PRODUCER_MAX_BATCH_SIZE bytes, instead of a coroutine per record
+    through Faust's and aiokafka's send(). Order within a partition is kept.
+    Returns, per (topic, partition), the offset of the last record sent.
+    """
+    producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
+    pending: list[tuple[tuple[str, int], int, Any]] = []
+    for (topic, partition), records in sends.items():
+        batch, count = producer.create_batch(), 0
+        for key, value, header_items in records:
+            headers = list(header_items)  # the record builder takes a list only
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                future = await producer.send_batch(batch, topic, partition=partition)
+                pending.append(((topic, partition), count, future))
+                batch, count = producer.create_batch(), 0
+                # An empty batch takes any one record, whatever the size limit.
+                batch.append(key=key, value=value, timestamp=None, headers=headers)
+            count += 1
+        if count:
+            batch.close()
+            future = await producer.send_batch(batch, topic, partition=partition)
+            pending.append(((topic, partition), count, future))
+    delivered = await asyncio.gather(*(future for _, _, future in pending))
+    last: dict[tuple[str, int], int] = {}
+    for (where, count, _), metadata in zip(pending, delivered, strict=True):
+        last[where] = max(last.get(where, -1), metadata.offset + count - 1)
+    return last
+
+
 async def deliver(
     outputs: Iterable[tuple[Any, int, Sequence[Any]]], dead_letters: Sequence[Any] = ()
-) -> dict[int, int]:
-    """Send records to their topics and wait until the broker has all of them.
-
-    Returns, per partition, the offset the last record sent to the expired topic got.
-    """
-    producer = app.producer
-    pending = []
-    expired_name = expired_topic.get_topic_name()
+) -> None:
+    """Send records to their topics and partitions and wait until the broker has all of them."""
+    sends: dict[tuple[str, int], list[Outgoing]] = {}
     for topic, partition, records in outputs:
-        name = topic.get_topic_name()
-        for record in records:
-            pending.append(
-                (
-                    name,
-                    partition,
-                    await producer.send(
-                        name, record.key, record.value, partition, None, list(record.headers)
-                    ),
-                )
+        if records:
+            sends.setdefault((topic.get_topic_name(), partition), []).extend(
+                (record.key, record.value, record.headers) for record in records
             )
+    producer = app.producer
     dlq = dead_letter_topic.get_topic_name()
-    for letter in dead_letters:
-        fragment = letter.fragment
-        pending.append(
-            (
-                dlq,
-                -1,
-                await producer.send(
-                    dlq, fragment.key, fragment.value, None, None, list(letter.headers())
-                ),
-            )
+    # Dead letters go where the key's partitioner puts them: one send each, they are rare.
+    letters = [
+        await producer.send(
+            dlq, letter.fragment.key, letter.fragment.value, None, None, list(letter.headers())
         )
-    delivered = await asyncio.gather(*(fut for _, _, fut in pending))
-    last_expired: dict[int, int] = {}
-    for (name, partition, _), metadata in zip(pending, delivered, strict=True):
-        if name == expired_name:
-            last_expired[partition] = max(last_expired.get(partition, -1), metadata.offset)
-    return last_expired
+        for letter in dead_letters
+    ]
+    await send_batched(sends)
+    await asyncio.gather(*letters)
 
 
 async def persist(changes: dict[int, Changes]) -> None:
     """Send the changes to the changelog, wait, then write each partition's RocksDB batch."""
-    producer = app.producer
     changelog = session_buffers.changelog_topic.get_topic_name()
-    pending: list[tuple[int, Any]] = []
     # Encoded once: the same bytes go to the changelog and to RocksDB.
     encoded = {
         partition: {sid: None if s is None else s.encode() for sid, s in change.writes.items()}
         for partition, change in changes.items()
     }
+    sends: dict[tuple[str, int], list[Outgoing]] = {}
     for partition, change in changes.items():
         # Markers before buffers: the changelog is written in order per partition, so a
         # crash never leaves an expired session's tombstone without its flush marker.
-        for session_id, marker in change.markers.items():
-            pending.append(
-                (
-                    partition,
-                    await producer.send(
-                        changelog, keys.marker_key(session_id), marker, partition, None, None
-                    ),
-                )
-            )
-        for session_id, value in encoded[partition].items():
-            pending.append(
-                (
-                    partition,
-                    await producer.send(
-                        changelog, keys.buffer_key(session_id), value, partition, None, None
-                    ),
-                )
-            )
+        records: list[Outgoing] = [
+            (keys.marker_key(session_id), marker, ())
+            for session_id, marker in change.markers.items()
+        ]
+        records += [
+            (keys.buffer_key(session_id), value, ())
+            for session_id, value in encoded[partition].items()
+        ]
         if change.watermark is not None:
-            value = keys.encode_offset(change.watermark)
-            pending.append(
-                (
-                    partition,
-                    await producer.send(
-                        changelog, keys.WATERMARK_KEY, value, partition, None, None
-                    ),
-                )
-            )
-    delivered = await asyncio.gather(*(fut for _, fut in pending))
-    last: dict[int, int] = {}
-    for (partition, _), metadata in zip(pending, delivered, strict=True):
-        last[partition] = max(last.get(partition, -1), metadata.offset)
+            records.append((keys.WATERMARK_KEY, keys.encode_offset(change.watermark), ()))
+        if records:
+            sends[(changelog, partition)] = records
+    last = {partition: offset for (_, partition), offset in (await send_batched(sends)).items()}
     data = store()
     # Partitions that lose sessions first, so the cap holds even between two writes.
     order = sorted(last, key=lambda p: _delta(changes[p]))

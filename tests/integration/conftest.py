@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -64,6 +65,26 @@ class Deployment:
     def produce(self, items: list[tuple[bytes | None, bytes | None, int | None]]) -> None:
         """Send (key, value, partition) in order; partition None lets the key choose."""
         asyncio.run(_produce(self.broker.bootstrap, self.topic("input"), items))
+
+    def produce_paced(
+        self, items: list[tuple[bytes | None, bytes | None, int | None]], seconds: float
+    ) -> threading.Thread:
+        """Send items in order, spread over about `seconds`, from a thread; return it running.
+
+        The worker outpaces any single produce call, so a test that stops, kills or adds
+        a worker mid-stream needs the stream still flowing when it acts.
+        """
+        chunks = 20
+        size = -(-len(items) // chunks)
+
+        def run() -> None:
+            for start in range(0, len(items), size):
+                self.produce(items[start : start + size])
+                time.sleep(seconds / chunks)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
 
     def produce_to(
         self, topic: str, items: list[tuple[bytes | None, bytes | None, int | None]]

@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def stream(deployment: Deployment, seed: int) -> tuple[list, int]:  # type: ignore[type-arg]
+    """Start sending 300 sessions of 20 records over about 8 s; return them and the count."""
     sessions = generate(f"x{seed}", 300, 20, b"\r\n", seed=seed)
     total = sum(len(s.records) for s in sessions)
-    deployment.produce([(key, frag, None) for key, frag in interleave(sessions, seed=seed)])
+    items = [(key, frag, None) for key, frag in interleave(sessions, seed=seed)]
+    deployment.produce_paced(items, seconds=8)
     return sessions, total
 
 
