@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sessions_app.reassembly import cut_records
 from sessions_app.session_state import SessionState
@@ -18,9 +19,8 @@ from sessions_app.session_state import SessionState
 Headers = tuple[tuple[str, bytes], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Fragment:
-    """One input record, with where it came from."""
+class Fragment(NamedTuple):
+    """One input record, with where it came from (a tuple: built once per fragment)."""
 
     topic: str
     partition: int
@@ -31,9 +31,8 @@ class Fragment:
     arrival: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class OutRecord:
-    """A record to produce: complete records and expired remnants."""
+class OutRecord(NamedTuple):
+    """A record to produce: complete records and expired remnants (a tuple: cheap to build)."""
 
     key: bytes
     value: bytes

@@ -14,7 +14,7 @@ The table key is the session ID itself (the input record's key).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 VERSION = 1
 _HEADER = struct.Struct(">BqQq")
@@ -25,9 +25,8 @@ class CorruptSessionState(ValueError):
     """A stored session buffer that this version cannot read."""
 
 
-@dataclass(frozen=True, slots=True)
-class SessionState:
-    """What a worker keeps for one live session."""
+class SessionState(NamedTuple):
+    """What a worker keeps for one live session (a tuple: built and read once per fragment)."""
 
     applied_offset: int = -1
     next_seq: int = 0
