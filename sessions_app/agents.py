@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sessions_app.app import app
+from sessions_app.app import FETCH_MAX_RECORDS, app
 from sessions_app.expiry import resolve_interrupted_flushes
 from sessions_app.intake import IntakeConsumer
 from sessions_app.pipeline import buffers_lock, process_fragments
@@ -24,7 +24,7 @@ from sessions_app.topics import (
 
 # A batch is what has been fetched when the previous one is done, at most
 # BATCH_MAX_FRAGMENTS: each batch costs two broker round trips, whatever its size.
-BATCH_MAX_FRAGMENTS = 20_000
+BATCH_MAX_FRAGMENTS = 4 * FETCH_MAX_RECORDS
 
 
 @app.agent(fragments_topic)

@@ -22,6 +22,10 @@ def load_settings() -> Settings:
 
 
 settings = load_settings()
+
+# Records per fetch handed to the agent; with INTAKE_DEPTH fetches queued behind the
+# one being applied, this bounds the fetched records a worker holds on its heap.
+FETCH_MAX_RECORDS = 10_000
 # Faust creates the data directory without its parents (Procfile: ./sessions-data/worker-$PORT).
 Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
 
@@ -60,6 +64,9 @@ app = SessionsApp(
     broker_heartbeat_interval=settings.broker_heartbeat_interval,
     broker_request_timeout=max(90.0, settings.broker_session_timeout),
     producer_max_batch_size=settings.producer_max_batch_size,
+    # A fetch is handed to the agent whole (sessions_app/intake.py): bound it, or fetched
+    # records (half a kilobyte of Python objects each) pile up by the hundred thousand.
+    broker_max_poll_records=FETCH_MAX_RECORDS,
     # Unacked fragments are read again after a restart; shutdown need not wait for them.
     stream_wait_empty=False,
     web_bind=settings.web_host,

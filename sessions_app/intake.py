@@ -30,8 +30,9 @@ from faust.transport.drivers.aiokafka import Consumer
 from faust.types.tuples import TP, ack_lock
 from mode.utils.futures import notify
 
-# Fetches waiting for the agent; beyond this the fetch loop waits (backpressure).
-INTAKE_DEPTH = 4
+# Fetches waiting for the agent; beyond this the fetch loop waits (backpressure). With
+# the app's broker_max_poll_records this bounds the fetched records held in memory.
+INTAKE_DEPTH = 3
 
 
 class IntakeConsumer(Consumer):
