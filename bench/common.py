@@ -122,4 +122,26 @@ async def send_remnants(
     return time.monotonic() - began
 
 
+async def read_topic(bootstrap: str, topic: str, partitions: int) -> list[Any]:
+    """Every record of `topic` from the start, in order per partition, until it goes quiet."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        idle = 0
+        while idle < 5:
+            batches = await consumer.getmany(timeout_ms=200, max_records=50_000)
+            idle = 0 if batches else idle + 1
+            for records in batches.values():
+                out += records
+    finally:
+        await consumer.stop()
+    return out
+
+
 __all__ = ["EmbeddedBroker", "create_topics_sync", "free_port"]

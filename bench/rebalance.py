@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.common import EmbeddedBroker, Worker, create_topics_sync
+from bench.common import EmbeddedBroker, Worker, create_topics_sync, read_topic
 
 PARTITIONS = 4
 SESSIONS = 1000
@@ -83,27 +83,14 @@ def wait_owned(workers: list[Worker], want: list[int], timeout: float = 120) -> 
     raise TimeoutError(f"partitions never settled as {want}: {owned(workers)}")
 
 
-async def read_output(bootstrap: str, topic: str) -> tuple[dict[int, list[float]], set[bytes]]:
+def read_output(bootstrap: str, topic: str) -> tuple[dict[int, list[float]], set[bytes]]:
     """Read `topic` from the start: each partition's record timestamps (s), distinct values."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
     times: dict[int, list[float]] = defaultdict(list)
     values: set[bytes] = set()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        idle = 0
-        while idle < 5:
-            batches = await consumer.getmany(timeout_ms=200, max_records=50_000)
-            idle = 0 if batches else idle + 1
-            for tp, records in batches.items():
-                times[tp.partition] += [r.timestamp / 1000 for r in records]
-                values.update(r.value for r in records if r.value is not None)
-    finally:
-        await consumer.stop()
+    for r in asyncio.run(read_topic(bootstrap, topic, PARTITIONS)):
+        times[r.partition].append(r.timestamp / 1000)
+        if r.value is not None:
+            values.add(r.value)
     return times, values
 
 
@@ -164,7 +151,7 @@ def main() -> None:
             producer.join()
             deadline = time.monotonic() + 120
             while True:
-                times, values = asyncio.run(read_output(broker.bootstrap, topics["OUTPUT"]))
+                times, values = read_output(broker.bootstrap, topics["OUTPUT"])
                 if len(values) >= producer.sent or time.monotonic() > deadline:
                     break
                 time.sleep(2)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT, EmbeddedBroker, create_topics_sync, free_port
+from bench.common import ROOT, EmbeddedBroker, create_topics_sync, free_port, read_topic
 from sessions_app.loadgen import generate, interleave
 
 PARTITIONS = 4
@@ -106,28 +106,13 @@ async def wait_for_output(
         await consumer.stop()
 
 
-async def read_all(bootstrap: str, topic: str) -> tuple[list[float], dict[bytes, list[bytes]]]:
+def read_all(bootstrap: str, topic: str) -> tuple[list[float], dict[bytes, list[bytes]]]:
     """Every record of `topic`: the timestamps (s), and values per key in partition order."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
     stamps: list[float] = []
     by_key: dict[bytes, list[bytes]] = defaultdict(list)
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        idle = 0
-        while idle < 5:
-            batches = await consumer.getmany(timeout_ms=200, max_records=50_000)
-            idle = 0 if batches else idle + 1
-            for records in batches.values():
-                for r in records:
-                    stamps.append(r.timestamp / 1000)
-                    by_key[r.key or b""].append(r.value or b"")
-    finally:
-        await consumer.stop()
+    for r in asyncio.run(read_topic(bootstrap, topic, PARTITIONS)):
+        stamps.append(r.timestamp / 1000)
+        by_key[r.key or b""].append(r.value or b"")
     return stamps, by_key
 
 
@@ -228,7 +213,7 @@ class Bench:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        stamps, by_key = asyncio.run(read_all(self.broker.bootstrap, sink))
+        stamps, by_key = read_all(self.broker.bootstrap, sink)
         truth = self.by_key_fragments if name == "raw" else self.expected
         wrong = sum(1 for key, values in truth.items() if by_key.get(key) != values)
         extra = set(by_key) - set(truth)

@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from sessions_app.embedded_broker import free_port
 from sessions_app.loadgen import generate, interleave
 
@@ -61,22 +63,14 @@ def test_worker_joins_mid_stream(deployment: Deployment) -> None:
     assert sorted(owned) == [2, 2], owned
 
 
-def test_worker_stops_mid_stream(deployment: Deployment) -> None:
+@pytest.mark.parametrize("leave", ["stop", "kill9"])
+def test_worker_leaves_mid_stream(deployment: Deployment, leave: str) -> None:
+    """A worker stopped (SIGTERM) or killed (SIGKILL) mid-stream: the other takes over."""
     first = deployment.start_worker("w1")
     second = deployment.start_worker("w2")
-    sessions, total = stream(deployment, 22)
+    sessions, total = stream(deployment, 22 if leave == "stop" else 23)
     wait_emitted([first, second], total // 4)
-    second.stop()
-    assert_all_out(deployment, sessions, [first, second])
-    assert len(first.stats()["live_sessions_by_partition"]) == 4
-
-
-def test_worker_killed_mid_stream(deployment: Deployment) -> None:
-    first = deployment.start_worker("w1")
-    second = deployment.start_worker("w2")
-    sessions, total = stream(deployment, 23)
-    wait_emitted([first, second], total // 4)
-    second.kill9()
+    getattr(second, leave)()
     assert_all_out(deployment, sessions, [first, second])
     assert len(first.stats()["live_sessions_by_partition"]) == 4
 
