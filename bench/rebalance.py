@@ -29,6 +29,7 @@ from pathlib import Path
 from bench.common import EmbeddedBroker, Worker, create_topics_sync, read_topic
 
 PARTITIONS = 4
+EVENTS = ("join", "stop", "join", "kill -9")
 SESSIONS = 1000
 
 
@@ -131,7 +132,7 @@ def main() -> None:
         events: list[tuple[str, float, float]] = []
         try:
             time.sleep(args.settle)
-            for event in ("join", "stop", "join", "kill -9") * args.rounds:
+            for event in EVENTS * args.rounds:
                 began = time.time()
                 t0 = time.monotonic()
                 if event.startswith("join"):

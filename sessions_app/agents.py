@@ -46,6 +46,7 @@ async def reassemble_sessions(stream: Any) -> None:
         # Rebalancing: wait; drop fetches from before it (recovery seeks, they come again)
         # and what belongs to partitions no longer ours.
         await flow_control.acquire()
+        now = app.consumer_generation_id
         mine = {tp.partition for tp in consumer.assignment() if tp.topic == source}
         batch = [
             record
@@ -58,4 +59,8 @@ async def reassemble_sessions(stream: Any) -> None:
             async with lock:
                 await resolve_interrupted_flushes({record.partition for record in batch})
                 await process_fragments(batch)
-            consumer.ack_records(batch)
+            # A rebalance while the batch was applied: leave it unacked. Its partitions were
+            # seeked back to their committed offsets and read it again (skipped as applied);
+            # an ack now would count offsets of partitions that moved or came back.
+            if consumer.is_current(now):
+                consumer.ack_records(batch)

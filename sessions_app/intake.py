@@ -114,8 +114,11 @@ class IntakeConsumer(Consumer):
         by_tp: dict[TP, list[int]] = {}
         for record in records:
             by_tp.setdefault(TP(record.topic, record.partition), []).append(record.offset)
+        assigned = self.assignment()
         with ack_lock:
             for tp, offsets in by_tp.items():
+                if tp not in assigned:
+                    continue  # revoked: Faust dropped its bookkeeping, the new owner rereads
                 committed = self._committed_offset[tp]
                 index = self._acked_index[tp]
                 fresh = [
