@@ -48,7 +48,7 @@ def wait_emitted(workers: list[Worker], at_least: int, timeout: float = 60) -> N
 
 
 def assert_all_out(deployment: Deployment, sessions: list, workers: list[Worker]) -> None:  # type: ignore[type-arg]
-    check, _ = deployment.verify(sessions)
+    check = deployment.verify(sessions)
     logs = "\n".join(w.log()[-2000:] for w in workers)
     assert check.ok, check.summary() + "\n" + logs
 
@@ -150,7 +150,7 @@ def test_procfile_runs_two_workers_with_honcho(deployment: Deployment, tmp_path:
             )
             time.sleep(0.2)
         sessions, _ = stream(deployment, 24)
-        check, _ = deployment.verify(sessions)
+        check = deployment.verify(sessions)
         assert check.ok, check.summary() + "\n" + log_path.read_text(errors="replace")[-4000:]
         # Each worker has its own RocksDB directory under the data dir, named by its port.
         assert sorted(p.name for p in (tmp_path / "procfile-data").iterdir()) == [
