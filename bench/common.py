@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,8 @@ class Worker:
                 self.process.kill()
 
 
-async def send_remnants(
-    bootstrap: str, topic: str, prefix: str, start: int, stop: int, remnant: bytes
-) -> float:
-    """Send one fragment per session start..stop, each a record plus an unfinished remnant."""
+async def send_all(bootstrap: str, topic: str, items: Iterable[tuple[bytes, bytes]]) -> float:
+    """Send (key, value) items in order, waiting every 20,000; return the seconds it took."""
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(
@@ -110,9 +109,8 @@ async def send_remnants(
     began = time.monotonic()
     try:
         pending = []
-        for n in range(start, stop):
-            key = f"{prefix}{n:010d}".encode()
-            pending.append(await producer.send(topic, b"record\n" + remnant, key=key))
+        for key, value in items:
+            pending.append(await producer.send(topic, value, key=key))
             if len(pending) >= 20_000:
                 await asyncio.gather(*pending)
                 pending.clear()
@@ -120,6 +118,30 @@ async def send_remnants(
     finally:
         await producer.stop()
     return time.monotonic() - began
+
+
+async def send_remnants(
+    bootstrap: str, topic: str, prefix: str, start: int, stop: int, remnant: bytes
+) -> float:
+    """Send one fragment per session start..stop, each a record plus an unfinished remnant."""
+    items = ((f"{prefix}{n:010d}".encode(), b"record\n" + remnant) for n in range(start, stop))
+    return await send_all(bootstrap, topic, items)
+
+
+def passthrough_clients(bootstrap: str, source: str) -> tuple[Any, Any]:
+    """An unstarted consumer of `source` from its start (no group) and a batching producer."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(
+        source,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
+    return consumer, producer
 
 
 async def read_topic(bootstrap: str, topic: str, partitions: int) -> list[Any]:

@@ -13,23 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import passthrough_clients
 from sessions_app.settings import parse_delimiter
 
 
 async def main(
     bootstrap: str, source: str, sink: str, progress: Path, produce: bool, delimiter: bytes
 ) -> None:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-    consumer = AIOKafkaConsumer(
-        source,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
+    consumer, producer = passthrough_clients(bootstrap, source)
     await consumer.start()
     await producer.start()
     buffers: dict[bytes, bytes] = {}

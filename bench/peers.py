@@ -16,21 +16,12 @@ import asyncio
 import sys
 from typing import Any
 
+from bench.common import passthrough_clients
 from sessions_app.settings import parse_delimiter
 
 
 async def raw(bootstrap: str, source: str, sink: str) -> None:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-    consumer = AIOKafkaConsumer(
-        source,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
+    consumer, producer = passthrough_clients(bootstrap, source)
     await consumer.start()
     await producer.start()
     try:
