@@ -9,6 +9,7 @@ from typing import Any
 
 import faust
 
+from sessions_app.allocator import fix_mmap_threshold
 from sessions_app.settings import Settings, SettingsError
 
 
@@ -22,6 +23,9 @@ def load_settings() -> Settings:
 
 
 settings = load_settings()
+
+# Before RocksDB allocates anything: its memtable blocks must go back to the system.
+fix_mmap_threshold()
 
 # Records per fetch handed to the agent; with INTAKE_DEPTH fetches queued behind the
 # one being applied, this bounds the fetched records a worker holds on its heap.

@@ -1,0 +1,47 @@
+"""The mmap threshold fix: freed large blocks go back to the system, whatever came before."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# In a fresh interpreter: free a 4 MiB block (glibc then raises its threshold to that size
+# unless it is fixed), allocate 1 MiB blocks, and print whether they were mapped.
+PROBE = """
+import ctypes, sys
+from sessions_app.allocator import fix_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold()
+libc.free(libc.malloc(4 << 20))
+before = libc.mallinfo2().hblkhd
+blocks = [libc.malloc(1 << 20) for _ in range(8)]
+print(libc.mallinfo2().hblkhd - before >= 8 << 20)
+for block in blocks:
+    libc.free(block)
+"""
+
+
+def mapped_after_a_large_free(mode: str) -> bool:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip() == "True"
+
+
+def test_blocks_stay_mapped_once_the_threshold_is_fixed() -> None:
+    assert mapped_after_a_large_free("fixed")
+
+
+def test_glibc_moves_them_to_the_heap_otherwise() -> None:
+    # What the fix is for: without it the same blocks land on the heap and leave holes there.
+    assert not mapped_after_a_large_free("default")
