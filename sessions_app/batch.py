@@ -27,7 +27,7 @@ class Fragment(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
-    # Position in the worker's batch, across partitions: orders sessions touched at once.
+    # Position in the worker's intake, across partitions: orders sessions touched at once.
     arrival: int = 0
 
 

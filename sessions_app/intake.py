@@ -30,6 +30,8 @@ from faust.transport.drivers.aiokafka import Consumer
 from faust.types.tuples import TP, ack_lock
 from mode.utils.futures import notify
 
+from sessions_app.batch import Fragment
+
 # Fetches waiting for the agent; beyond this the fetch loop waits (backpressure). With
 # the app's broker_max_poll_records this bounds the fetched records held in memory.
 INTAKE_DEPTH = 3
@@ -43,11 +45,12 @@ class IntakeConsumer(Consumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._intake: asyncio.Queue[tuple[int, list[Any]]] | None = None
+        self._intake: asyncio.Queue[tuple[int, list[Fragment]]] | None = None
+        self._arrivals = 0
 
     @property
-    def intake(self) -> asyncio.Queue[tuple[int, list[Any]]]:
-        """(generation, records) per fetch, records in offset order per partition."""
+    def intake(self) -> asyncio.Queue[tuple[int, list[Fragment]]]:
+        """(generation, fragments) per fetch, in offset order per partition."""
         if self._intake is None:
             self._intake = asyncio.Queue(maxsize=INTAKE_DEPTH)
         return self._intake
@@ -65,7 +68,8 @@ class IntakeConsumer(Consumer):
                     continue
                 # As Faust's getmany: the generation the fetch is handed over in.
                 generation = self.app.consumer_generation_id
-                batch: list[Any] = []
+                batch: list[Fragment] = []
+                arrival = self._arrivals
                 for tp, fetched in records.items():
                     if not (active is None or tp in active or tp in self._buffered_partitions):
                         continue
@@ -79,10 +83,18 @@ class IntakeConsumer(Consumer):
                             continue  # handed over already
                         if last and offset - last > 1:
                             await self._add_gap(tp, last + 1, offset)
-                        batch.append(record)
+                        # A tuple of what the agent uses: aiokafka's records are dataclass
+                        # instances of about 700 bytes each, and fetches wait in the queue.
+                        batch.append(
+                            Fragment(
+                                tp.topic, tp.partition, offset, record.key, record.value, arrival
+                            )
+                        )
+                        arrival += 1
                         last = offset
                     if last is not None:
                         read_offset[tp] = last
+                self._arrivals = arrival
                 if batch:
                     # A rebalance stops the flow: drop the fetch as Faust would; recovery seeks.
                     await self.wait_first(intake.put((generation, batch)), self.suspend_flow.wait())
@@ -109,7 +121,7 @@ class IntakeConsumer(Consumer):
             await self.wait_first(self.callback(message), self.suspend_flow.wait())
             self._read_offset[tp] = record.offset
 
-    def ack_records(self, records: Sequence[Any]) -> None:
+    def ack_records(self, records: Sequence[Fragment]) -> None:
         """Mark input records done, as Faust's `ack` does for each of its messages."""
         by_tp: dict[TP, list[int]] = {}
         for record in records:

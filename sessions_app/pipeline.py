@@ -68,13 +68,11 @@ def live_sessions() -> dict[int, int]:
     return {p: data.live_count(p) for p in active_partitions()}
 
 
-async def process_fragments(consumed: Sequence[Any]) -> None:
-    """Apply one batch of consumed records, then send and persist what it produced."""
+async def process_fragments(consumed: Sequence[Fragment]) -> None:
+    """Apply one batch of consumed fragments, then send and persist what it produced."""
     by_partition: dict[int, list[Fragment]] = {}
-    for arrival, m in enumerate(consumed):
-        by_partition.setdefault(m.partition, []).append(
-            Fragment(m.topic, m.partition, m.offset, m.key, m.value, arrival)
-        )
+    for fragment in consumed:
+        by_partition.setdefault(fragment.partition, []).append(fragment)
     data = store()
     now_us = int(time.time() * 1_000_000)
     live = sum(live_sessions().values())
