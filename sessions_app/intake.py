@@ -34,7 +34,7 @@ from sessions_app.batch import Fragment
 
 # Fetches waiting for the agent; beyond this the fetch loop waits (backpressure). With
 # the app's broker_max_poll_records this bounds the fetched records held in memory.
-INTAKE_DEPTH = 3
+INTAKE_DEPTH = 1
 
 
 class IntakeConsumer(Consumer):
