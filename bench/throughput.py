@@ -8,6 +8,7 @@ in turn by each contender as a process with its own output topic:
   dict         the dict design: aiokafka, buffers in a dict (bench/dict_design.py)
   stock-faust  a Faust agent updating a RocksDB table per fragment (bench/stock_faust.py)
   sessions-app a sessions-app worker with its defaults
+  sessions-app-40k  the same with SESSIONS_BATCH_FRAGMENTS=40000 (faster, more heap)
   quix         quixstreams with its RocksDB state (bench/peers.py; `pip install -e .[bench]`)
 
 Throughput is fragments per second while the output flows steadily: the
@@ -42,7 +43,7 @@ from sessions_app.loadgen import generate, interleave
 PARTITIONS = 4
 DELIMITER = b"\r\n"
 ESCAPED = "\\r\\n"
-CONTENDERS = ["raw", "dict", "stock-faust", "sessions-app", "quix"]
+CONTENDERS = ["raw", "dict", "stock-faust", "sessions-app", "sessions-app-40k", "quix"]
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Bench:
                 "STOCK_DELIMITER": ESCAPED,
             }
             return [py, "-m", "faust", "-A", "bench.stock_faust", "worker", "-l", "warn"], env
-        if name == "sessions-app":
+        if name.startswith("sessions-app"):
             env = {
                 "SESSIONS_APP_ID": f"bench-{sink}",
                 "SESSIONS_BROKER_URL": self.broker.url,
@@ -173,6 +174,8 @@ class Bench:
                 "SESSIONS_BROKER_SESSION_TIMEOUT": "2",
                 "SESSIONS_BROKER_HEARTBEAT_INTERVAL": "0.5",
             }
+            if name == "sessions-app-40k":
+                env["SESSIONS_BATCH_FRAGMENTS"] = "40000"
             return [py, "-m", "sessions_app", "worker", "-l", "warn"], env
         raise ValueError(name)
 
@@ -181,7 +184,10 @@ class Bench:
         create_topics_sync(
             self.broker.bootstrap,
             [sink]
-            + ([f"{sink}-{t}" for t in ("expired", "dlq", "alerts")] * (name == "sessions-app")),
+            + (
+                [f"{sink}-{t}" for t in ("expired", "dlq", "alerts")]
+                * name.startswith("sessions-app")
+            ),
             PARTITIONS,
         )
         command, env = self.command(name, sink)
@@ -247,7 +253,7 @@ def main() -> None:
                 result = bench.run(name)
                 results.append(result)
                 print(
-                    f"{name:<13}{result.fragments_per_s:>12,.0f} fragments/s"
+                    f"{name:<17}{result.fragments_per_s:>10,.0f} fragments/s"
                     f"{result.cpu_per_100k:>8.1f} CPU s/100k  {result.output:>9,} out  "
                     f"{result.verdict}",
                     flush=True,
@@ -255,12 +261,12 @@ def main() -> None:
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
-    ours = next((r for r in results if r.name == "sessions-app" and r.fragments_per_s), None)
-    if ours:
-        for other in results:
-            if other is not ours and other.fragments_per_s:
-                ratio = ours.fragments_per_s / other.fragments_per_s
-                print(f"sessions-app / {other.name:<12} {ratio:6.2f}x")
+    mine = [r for r in results if r.name.startswith("sessions-app") and r.fragments_per_s]
+    others = [r for r in results if not r.name.startswith("sessions-app") and r.fragments_per_s]
+    for ours in mine:
+        for other in others:
+            ratio = ours.fragments_per_s / other.fragments_per_s
+            print(f"{ours.name:<16} / {other.name:<12} {ratio:6.2f}x")
 
 
 if __name__ == "__main__":

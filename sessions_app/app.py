@@ -27,7 +27,7 @@ settings = load_settings()
 # Before RocksDB allocates anything: its memtable blocks must go back to the system.
 fix_mmap_threshold()
 
-# Records per fetch handed to the agent; with INTAKE_DEPTH fetches queued behind the
+# Records per fetch handed to the agent; with the fetches queued behind the
 # one being applied, this bounds the fetched records a worker holds on its heap.
 FETCH_MAX_RECORDS = 10_000
 # Faust creates the data directory without its parents (Procfile: ./sessions-data/worker-$PORT).
@@ -53,6 +53,8 @@ class SessionsApp(faust.App):
             loop=self.transport.loop,
         )
         consumer.intake_topic = settings.input_topic
+        # Enough fetches queued to fill the next batch, and no more.
+        consumer.intake_depth = max(1, settings.batch_fragments // FETCH_MAX_RECORDS - 1)
         return consumer
 
 

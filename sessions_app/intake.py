@@ -32,16 +32,15 @@ from mode.utils.futures import notify
 
 from sessions_app.batch import Fragment
 
-# Fetches waiting for the agent; beyond this the fetch loop waits (backpressure). With
-# the app's broker_max_poll_records this bounds the fetched records held in memory.
-INTAKE_DEPTH = 1
-
 
 class IntakeConsumer(Consumer):
     """Faust's aiokafka consumer, with the input topic handed over a fetch at a time."""
 
     #: The topic whose records go to the intake queue; set by the app.
     intake_topic: str = ""
+    #: Fetches waiting for the agent; beyond this the fetch loop waits (backpressure).
+    #: With the app's broker_max_poll_records it bounds the fetched records held in memory.
+    intake_depth: int = 1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -52,7 +51,7 @@ class IntakeConsumer(Consumer):
     def intake(self) -> asyncio.Queue[tuple[int, list[Fragment]]]:
         """(generation, fragments) per fetch, in offset order per partition."""
         if self._intake is None:
-            self._intake = asyncio.Queue(maxsize=INTAKE_DEPTH)
+            self._intake = asyncio.Queue(maxsize=self.intake_depth)
         return self._intake
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - needs a broker

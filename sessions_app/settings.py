@@ -56,6 +56,7 @@ class Settings:
     heap_min_interval: float = 30.0
     web_token: str | None = None
     standby_replicas: int = 1
+    batch_fragments: int = 20_000
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -110,6 +111,9 @@ class Settings:
             ),
             web_token=get("WEB_TOKEN", _token, d.web_token),
             standby_replicas=get("STANDBY_REPLICAS", _int_range(0, 10), d.standby_replicas),
+            batch_fragments=get(
+                "BATCH_FRAGMENTS", _int_range(10_000, 1_000_000), d.batch_fragments
+            ),
         )
         settings._check_together()
         return settings

@@ -44,6 +44,7 @@ def test_broker_list() -> None:
         ("SESSIONS_APP_ID", "a/b", "letters, digits"),
         ("SESSIONS_BROKER_SESSION_TIMEOUT", "-1", "seconds"),
         ("SESSIONS_PRODUCER_MAX_BATCH_SIZE", "1.5", "whole number"),
+        ("SESSIONS_BATCH_FRAGMENTS", "5000", "from 10,000 to 1,000,000"),
     ],
 )
 def test_bad_value_names_the_variable(variable: str, value: str, allowed: str) -> None:
