@@ -17,20 +17,85 @@ everything Faust does for correctness and does it once per fetch:
 - acks go into Faust's own bookkeeping (`_acked`, `_acked_index`, `_n_acked`),
   so Faust's commit timer and `broker_commit_every` commit exactly as before.
 
+The consumer thread parses the input topic's fetched batches straight into
+`Fragment` tuples: aiokafka's `ConsumerRecord` (an eleven-field dataclass
+per record, built in the thread that shares the GIL with the agent) cost
+more than the reassembly of the record it carried. Everything else aiokafka
+does per batch (CRC checks, control batches, aborted transactions, offsets
+for the next fetch) is unchanged.
+
 Other topics, if any agent ever consumes one, keep Faust's per-record path.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from faust.transport.drivers.aiokafka import Consumer
+from aiokafka.consumer.fetcher import FetchResult
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer
 from faust.types.tuples import TP, ack_lock
 from mode.utils.futures import notify
 
 from sessions_app.batch import Fragment
+
+
+class _FragmentRecords(OrderedDict):  # type: ignore[type-arg]
+    """aiokafka's fetched-records map, with the intake topic's records built as Fragments.
+
+    The fetcher stores each partition's fetched batches here before any record is
+    parsed; the records of the intake topic then come out of its iterator as
+    `Fragment` tuples, numbered in the order they are parsed (their arrival).
+    """
+
+    def __init__(self, topic: str, arrivals: Callable[[], int], fetched: Any) -> None:
+        super().__init__()
+        self._topic = topic
+        self._arrivals = arrivals
+        for tp, result in fetched.items():
+            self[tp] = result
+
+    def __setitem__(self, tp: Any, result: Any) -> None:
+        if tp.topic == self._topic and type(result) is FetchResult:
+            # aiokafka's record iterator looks the builder up on the instance per record.
+            result._partition_records._consumer_record = self._builder(tp)
+        super().__setitem__(tp, result)
+
+    def _builder(self, tp: Any) -> Callable[[Any, Any], Fragment]:
+        topic, partition, arrivals = tp.topic, tp.partition, self._arrivals
+        new = tuple.__new__
+
+        def to_fragment(_tp: Any, record: Any) -> Fragment:
+            fields = (topic, partition, record.offset, record.key, record.value, arrivals())
+            return new(Fragment, fields)
+
+        return to_fragment
+
+
+class IntakeConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread, fetching the intake topic as Fragments."""
+
+    async def _fetch_records(
+        self,
+        consumer: Any,
+        active_partitions: Any,
+        timeout: float | None = None,
+        max_records: int | None = None,
+    ) -> Any:
+        fetcher = consumer._fetcher
+        intake: IntakeConsumer = self.consumer  # type: ignore[assignment]
+        # Faust gives aiokafka no deserializers (it decodes in its own layer), so the
+        # Fragment carries the bytes aiokafka's record would.
+        if type(fetcher._records) is not _FragmentRecords:
+            fetcher._records = _FragmentRecords(
+                intake.intake_topic, intake.next_arrival, fetcher._records
+            )
+        return await super()._fetch_records(
+            consumer, active_partitions, timeout=timeout, max_records=max_records
+        )
 
 
 class IntakeConsumer(Consumer):
@@ -45,7 +110,11 @@ class IntakeConsumer(Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._intake: asyncio.Queue[tuple[int, list[Fragment]]] | None = None
-        self._arrivals = 0
+        #: Numbers fragments in the order the consumer thread parses them.
+        self.next_arrival: Callable[[], int] = itertools.count().__next__
+
+    def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
+        return IntakeConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     @property
     def intake(self) -> asyncio.Queue[tuple[int, list[Fragment]]]:
@@ -68,7 +137,6 @@ class IntakeConsumer(Consumer):
                 # As Faust's getmany: the generation the fetch is handed over in.
                 generation = self.app.consumer_generation_id
                 batch: list[Fragment] = []
-                arrival = self._arrivals
                 for tp, fetched in records.items():
                     if not (active is None or tp in active or tp in self._buffered_partitions):
                         continue
@@ -76,24 +144,24 @@ class IntakeConsumer(Consumer):
                         await self._per_record(tp, fetched)
                         continue
                     last = read_offset.get(tp)
-                    for record in fetched:
-                        offset = record.offset
-                        if last is not None and offset < last:
-                            continue  # handed over already
-                        if last and offset - last > 1:
-                            await self._add_gap(tp, last + 1, offset)
-                        # A tuple of what the agent uses: aiokafka's records are dataclass
-                        # instances of about 700 bytes each, and fetches wait in the queue.
-                        batch.append(
-                            Fragment(
-                                tp.topic, tp.partition, offset, record.key, record.value, arrival
-                            )
-                        )
-                        arrival += 1
-                        last = offset
+                    first = fetched[0].offset
+                    if (last is None or first == last + 1) and (
+                        fetched[-1].offset - first == len(fetched) - 1
+                    ):
+                        # The usual case: the offsets that follow, without gaps.
+                        batch.extend(fetched)
+                        last = fetched[-1].offset
+                    else:
+                        for fragment in fetched:
+                            offset = fragment.offset
+                            if last is not None and offset < last:
+                                continue  # handed over already
+                            if last and offset - last > 1:
+                                await self._add_gap(tp, last + 1, offset)
+                            batch.append(fragment)
+                            last = offset
                     if last is not None:
                         read_offset[tp] = last
-                self._arrivals = arrival
                 if batch:
                     # A rebalance stops the flow: drop the fetch as Faust would; recovery seeks.
                     await self.wait_first(intake.put((generation, batch)), self.suspend_flow.wait())

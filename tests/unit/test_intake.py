@@ -1,0 +1,85 @@
+"""The consumer thread's fetched batches: the intake topic's records come out as Fragments.
+
+Real record batches in Kafka's wire format, parsed by aiokafka's own
+iterator; only the record builder is the intake's.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from aiokafka.consumer.fetcher import READ_UNCOMMITTED, FetchResult, PartitionRecords
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.structs import TopicPartition
+
+from sessions_app.batch import Fragment
+from sessions_app.intake import _FragmentRecords
+
+Record = tuple[bytes | None, bytes | None]
+
+
+def fetched(tp: TopicPartition, base: int, records: list[Record], fetch_offset: int) -> FetchResult:
+    """A FetchResult as aiokafka's fetcher stores it, for `records` from offset `base` on."""
+    builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
+    for delta, (key, value) in enumerate(records):
+        builder.append(delta, 1_700_000_000_000, key, value, [("h", b"x")])
+    wire = bytearray(builder.build())
+    wire[:8] = base.to_bytes(8, "big", signed=True)  # the base offset the broker assigns
+    partition_records = PartitionRecords(
+        tp, MemoryRecords(bytes(wire)), [], fetch_offset, None, None, True, READ_UNCOMMITTED
+    )
+    return FetchResult(tp, partition_records=partition_records, assignment=None, backoff=0)
+
+
+def parsed(result: FetchResult) -> list[object]:
+    return list(result._partition_records)
+
+
+def test_intake_records_come_out_as_fragments_byte_for_byte_and_numbered_in_parse_order() -> None:
+    p0, p3 = TopicPartition("fragments", 0), TopicPartition("fragments", 3)
+    first: list[Record] = [(b"s1", b"GET / HT"), (b"s2", b"\x00\xff\r\n"), (b"s1", None)]
+    second: list[Record] = [(b"s9", b""), (b"s9", b"tail\r")]
+    store = _FragmentRecords("fragments", itertools.count(100).__next__, {})
+    store[p0] = fetched(p0, 40, first, 40)
+    store[p3] = fetched(p3, 7, second, 7)
+
+    assert parsed(store[p0]) == [
+        Fragment("fragments", 0, 40, b"s1", b"GET / HT", 100),
+        Fragment("fragments", 0, 41, b"s2", b"\x00\xff\r\n", 101),
+        Fragment("fragments", 0, 42, b"s1", None, 102),
+    ]
+    assert parsed(store[p3]) == [
+        Fragment("fragments", 3, 7, b"s9", b"", 103),
+        Fragment("fragments", 3, 8, b"s9", b"tail\r", 104),
+    ]
+
+
+def test_aiokafka_still_decides_which_records_of_a_batch_are_returned() -> None:
+    tp = TopicPartition("fragments", 1)
+    store = _FragmentRecords("fragments", itertools.count().__next__, {})
+    # A fetch from offset 12 into a batch starting at 10: the first two were returned before.
+    store[tp] = fetched(tp, 10, [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")], 12)
+
+    assert parsed(store[tp]) == [Fragment("fragments", 1, 12, b"c", b"3", 0)]
+    assert store[tp]._partition_records.next_fetch_offset == 13
+
+
+def test_records_fetched_before_the_map_was_installed_are_built_as_fragments_too() -> None:
+    tp = TopicPartition("fragments", 2)
+    before = {tp: fetched(tp, 0, [(b"k", b"v")], 0)}
+
+    store = _FragmentRecords("fragments", itertools.count().__next__, before)
+
+    assert parsed(store[tp]) == [Fragment("fragments", 2, 0, b"k", b"v", 0)]
+
+
+def test_other_topics_keep_aiokafkas_records() -> None:
+    tp = TopicPartition("sessions-changelog", 0)
+    store = _FragmentRecords("fragments", itertools.count().__next__, {})
+    store[tp] = fetched(tp, 5, [(b"k", b"v")], 5)
+
+    (record,) = parsed(store[tp])
+    assert not isinstance(record, Fragment)
+    assert (record.topic, record.offset, record.key, record.value) == (tp.topic, 5, b"k", b"v")
+    assert record.headers == (("h", b"x"),)
