@@ -98,6 +98,9 @@ class InvalidSessionKey(ValueError):
 _MISSING = object()
 
 
+_EMPTY = SessionState()
+
+
 class CapacityReached(RuntimeError):
     """The worker holds as many sessions as SESSIONS_MAX_SESSIONS allows."""
 
@@ -123,26 +126,22 @@ def apply_fragments(
     result = BatchResult()
     states: dict[bytes, SessionState | None] = {}
     before = result.before
-
-    def current(key: bytes) -> SessionState | None:
-        state = states.get(key, _MISSING)
-        if state is _MISSING:
-            raw = load(key)
-            state = None if raw is None else SessionState.decode(raw)
-            states[key] = state
-            before[key] = state
-        return state  # type: ignore[return-value]
-
+    writes = result.writes
+    last_arrival = result.last_arrival
+    out = result.records
+    decode = SessionState.decode
     live_delta = 0
-    result.applied_through = applied_through
+    applied = applied_through
 
     for fragment in fragments:
-        if fragment.offset <= applied_through:
+        offset = fragment.offset
+        if offset <= applied_through:
             # Redelivered after a crash or rebalance: applied already, whatever became
             # of its session since.
             result.fragments_replayed += 1
             continue
-        result.applied_through = max(result.applied_through, fragment.offset)
+        if offset > applied:
+            applied = offset
         key = fragment.key
         if not key:
             what = "null" if key is None else "empty"
@@ -155,16 +154,20 @@ def apply_fragments(
                 )
             )
             continue
-        try:
-            state = current(key)
-        except Exception as exc:
-            result.dead_letters.append(
-                DeadLetter(
-                    fragment, "state", type(exc).__name__, f"stored buffer unreadable: {exc}"
+        state = states.get(key, _MISSING)
+        if state is _MISSING:
+            try:
+                raw = load(key)
+                state = None if raw is None else decode(raw)
+            except Exception as exc:
+                result.dead_letters.append(
+                    DeadLetter(
+                        fragment, "state", type(exc).__name__, f"stored buffer unreadable: {exc}"
+                    )
                 )
-            )
-            continue
-        if state is not None and fragment.offset <= state.applied_offset:
+                continue
+            states[key] = before[key] = state
+        if state is not None and offset <= state.applied_offset:
             # Redelivered after a crash or rebalance: already in the buffer.
             result.fragments_replayed += 1
             continue
@@ -173,7 +176,7 @@ def apply_fragments(
                 if state is not None:
                     _close(key, state, result)
                     states[key] = None
-                    result.writes[key] = None
+                    writes[key] = None
                     live_delta -= 1
                 continue
             if state is None:
@@ -182,13 +185,13 @@ def apply_fragments(
                         "the worker holds SESSIONS_MAX_SESSIONS live sessions; "
                         "SESSIONS_CAP_POLICY=reject refuses new ones"
                     )
-                state = SessionState()
+                state = _EMPTY
                 result.sessions_opened += 1
                 live_delta += 1
             records, pending = cut_records(state.pending, fragment.value, delimiter)
             seq = state.next_seq
             for record in records:
-                result.records.append(OutRecord(key, record, (("seq", str(seq).encode()),)))
+                out.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
                 seq += 1
             if max_buffer_bytes is not None and len(pending) > max_buffer_bytes:
                 result.expired.append(
@@ -197,7 +200,7 @@ def apply_fragments(
                 result.overflows += 1
                 pending = b""
             # Microseconds plus the arrival keep sessions of one batch in arrival order.
-            new_state = SessionState(fragment.offset, seq, now_us + fragment.arrival, pending)
+            new_state = SessionState(offset, seq, now_us + fragment.arrival, pending)
         except CapacityReached as exc:
             result.dead_letters.append(
                 DeadLetter(fragment, "capacity", type(exc).__name__, str(exc))
@@ -208,10 +211,10 @@ def apply_fragments(
                 DeadLetter(fragment, "reassemble", type(exc).__name__, str(exc))
             )
             continue
-        states[key] = new_state
-        result.writes[key] = new_state
-        result.last_arrival[key] = fragment.arrival
+        states[key] = writes[key] = new_state
+        last_arrival[key] = fragment.arrival
         result.fragments_applied += 1
+    result.applied_through = applied
     return result
 
 

@@ -189,20 +189,29 @@ class IntakeConsumer(Consumer):
             self._read_offset[tp] = record.offset
 
     def ack_records(self, records: Sequence[Fragment]) -> None:
-        """Mark input records done, as Faust's `ack` does for each of its messages."""
-        by_tp: dict[TP, list[int]] = {}
+        """Mark intake records done, as Faust's `ack` does for each of its messages."""
+        by_partition: dict[int, list[int]] = {}
         for record in records:
-            by_tp.setdefault(TP(record.topic, record.partition), []).append(record.offset)
+            offsets = by_partition.get(record.partition)
+            if offsets is None:
+                offsets = by_partition[record.partition] = []
+            offsets.append(record.offset)
         assigned = self.assignment()
         with ack_lock:
-            for tp, offsets in by_tp.items():
+            for partition, offsets in by_partition.items():
+                tp = TP(self.intake_topic, partition)
                 if tp not in assigned:
                     continue  # revoked: Faust dropped its bookkeeping, the new owner rereads
                 committed = self._committed_offset[tp]
                 index = self._acked_index[tp]
-                fresh = [
-                    o for o in offsets if (committed is None or o >= committed) and o not in index
-                ]
+                if (committed is None or min(offsets) >= committed) and index.isdisjoint(offsets):
+                    fresh = offsets  # the usual case: none acked or committed before
+                else:
+                    fresh = [
+                        o
+                        for o in offsets
+                        if (committed is None or o >= committed) and o not in index
+                    ]
                 index.update(fresh)
                 self._acked[tp].extend(fresh)
                 self._n_acked += len(fresh)

@@ -15,7 +15,7 @@ from typing import Any
 
 from sessions_app import keys
 from sessions_app.app import app, settings
-from sessions_app.batch import BatchResult, Fragment, apply_fragments, remnant
+from sessions_app.batch import BatchResult, Fragment, OutRecord, apply_fragments, remnant
 from sessions_app.counters import totals
 from sessions_app.monitoring import capacity
 from sessions_app.session_state import SessionState
@@ -207,15 +207,14 @@ async def send_batched(sends: dict[tuple[str, int], list[Outgoing]]) -> dict[tup
 
 
 async def deliver(
-    outputs: Iterable[tuple[Any, int, Sequence[Any]]], dead_letters: Sequence[Any] = ()
+    outputs: Iterable[tuple[Any, int, Sequence[OutRecord]]], dead_letters: Sequence[Any] = ()
 ) -> None:
     """Send records to their topics and partitions and wait until the broker has all of them."""
     sends: dict[tuple[str, int], list[Outgoing]] = {}
     for topic, partition, records in outputs:
         if records:
-            sends.setdefault((topic.get_topic_name(), partition), []).extend(
-                (record.key, record.value, record.headers) for record in records
-            )
+            # An OutRecord is a (key, value, headers) tuple already.
+            sends.setdefault((topic.get_topic_name(), partition), []).extend(records)
     producer = app.producer
     dlq = dead_letter_topic.get_topic_name()
     # Dead letters go where the key's partitioner puts them: one send each, they are rare.
