@@ -191,6 +191,8 @@ class Bench:
             PARTITIONS,
         )
         command, env = self.command(name, sink)
+        if os.environ.get("BENCH_PYSPY") and name.startswith("sessions-app"):
+            command = [str(Path(sys.executable).parent / "py-spy"), "record", "--threads", "--nonblocking", "-r", "200", "-f", "raw", "-o", os.environ["BENCH_PYSPY"] + name, "--", *command]
         want = self.fragments if name == "raw" else self.records
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
@@ -204,10 +206,22 @@ class Bench:
                 )
             )
             cpu = cpu_seconds(process.pid)
+            if os.environ.get("BENCH_THREADS"):
+                for task in sorted(os.listdir(f"/proc/{process.pid}/task")):
+                    st = open(f"/proc/{process.pid}/task/{task}/stat").read()
+                    comm = st[st.index("(") + 1 : st.rindex(")")]
+                    f = st.rsplit(")", 1)[1].split()
+                    print(task, comm, (int(f[11]) + int(f[12])) / 100, file=sys.stderr)
+                bp = self.broker.process.pid if hasattr(self.broker, "process") else None
+                print("broker", bp and cpu_seconds(bp), file=sys.stderr)
         except TimeoutError as exc:
             tail = log.read_text(errors="replace")[-2000:]
             return Result(name, 0.0, 0.0, 0, f"FAILED: {exc}\n{tail}")
         finally:
+            if os.environ.get("BENCH_PYSPY"):
+                import signal
+                process.send_signal(signal.SIGINT)
+                time.sleep(5)
             process.terminate()
             try:
                 process.wait(timeout=30)

@@ -95,9 +95,6 @@ class InvalidSessionKey(ValueError):
     """A fragment whose key cannot name a session."""
 
 
-_MISSING = object()
-
-
 _EMPTY = SessionState()
 
 
@@ -154,8 +151,9 @@ def apply_fragments(
                 )
             )
             continue
-        state = states.get(key, _MISSING)
-        if state is _MISSING:
+        if key in states:
+            state = states[key]
+        else:
             try:
                 raw = load(key)
                 state = None if raw is None else decode(raw)
