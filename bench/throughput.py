@@ -19,6 +19,11 @@ records, byte for byte and in order. CPU is the contender process's user +
 system seconds per 100k fragments, start-up included.
 
     .venv/bin/python -m bench.throughput [--sessions 50000] [--only dict,sessions-app]
+
+With --profile DIR, each sessions-app worker runs under py-spy (a bench
+extra), which writes DIR/<contender>.txt: collapsed stacks per thread, for
+flamegraph tools or a grep; the CPU time of each of the worker's threads is
+printed. Figures of a profiled run carry py-spy's overhead.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,9 +61,9 @@ class Result:
     verdict: str
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as stat:
+def cpu_seconds(pid: int, path: str = "") -> float:
+    """User + system CPU seconds of a process (or of the thread `path` names), from /proc."""
+    with open(path or f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -112,9 +118,26 @@ def steady_rate(stamps: list[float]) -> float:
     return (high - low) / len(ordered) / (ordered[high] - ordered[low])
 
 
+def thread_cpu_seconds(pid: int) -> list[float]:
+    """User + system CPU seconds of each thread of a process, largest first."""
+    seconds = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            seconds.append(cpu_seconds(int(task), f"/proc/{pid}/task/{task}/stat"))
+    return sorted(seconds, reverse=True)
+
+
+def child_pid(pid: int) -> int:
+    """The first child of a process (the worker py-spy started)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return int(children.read().split()[0])
+
+
 class Bench:
-    def __init__(self, broker: EmbeddedBroker, workdir: Path, sessions: int) -> None:
-        self.broker, self.workdir = broker, workdir
+    def __init__(
+        self, broker: EmbeddedBroker, workdir: Path, sessions: int, profile: Path | None = None
+    ) -> None:
+        self.broker, self.workdir, self.profile = broker, workdir, profile
         generated = generate("t", sessions, 3, DELIMITER, seed=6)
         self.items = list(interleave(generated, seed=6))
         self.expected = {s.key: s.records for s in generated}
@@ -191,8 +214,13 @@ class Bench:
             PARTITIONS,
         )
         command, env = self.command(name, sink)
-        if os.environ.get("BENCH_PYSPY") and name.startswith("sessions-app"):
-            command = [str(Path(sys.executable).parent / "py-spy"), "record", "--threads", "--nonblocking", "-r", "200", "-f", "raw", "-o", os.environ["BENCH_PYSPY"] + name, "--", *command]
+        profiled = self.profile is not None and name.startswith("sessions-app")
+        if profiled:
+            assert self.profile is not None
+            spy = str(Path(sys.executable).parent / "py-spy")
+            output = self.profile / f"{name}.txt"
+            options = ["--threads", "--nonblocking", "--rate", "200", "--format", "raw"]
+            command = [spy, "record", *options, "--output", str(output), "--", *command]
         want = self.fragments if name == "raw" else self.records
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
@@ -205,24 +233,17 @@ class Bench:
                     self.broker.bootstrap, sink, want, lambda: process.poll() is None, 1800
                 )
             )
-            cpu = cpu_seconds(process.pid)
-            if os.environ.get("BENCH_THREADS"):
-                for task in sorted(os.listdir(f"/proc/{process.pid}/task")):
-                    st = open(f"/proc/{process.pid}/task/{task}/stat").read()
-                    comm = st[st.index("(") + 1 : st.rindex(")")]
-                    f = st.rsplit(")", 1)[1].split()
-                    print(task, comm, (int(f[11]) + int(f[12])) / 100, file=sys.stderr)
-                bp = self.broker.process.pid if hasattr(self.broker, "process") else None
-                print("broker", bp and cpu_seconds(bp), file=sys.stderr)
+            pid = child_pid(process.pid) if profiled else process.pid
+            cpu = cpu_seconds(pid)
+            if profiled:
+                threads = ", ".join(f"{t:.1f}" for t in thread_cpu_seconds(pid) if t >= 0.05)
+                print(f"{name}: CPU seconds per thread: {threads}", flush=True)
         except TimeoutError as exc:
             tail = log.read_text(errors="replace")[-2000:]
             return Result(name, 0.0, 0.0, 0, f"FAILED: {exc}\n{tail}")
         finally:
-            if os.environ.get("BENCH_PYSPY"):
-                import signal
-                process.send_signal(signal.SIGINT)
-                time.sleep(5)
-            process.terminate()
+            # py-spy writes its profile when interrupted, and stops the worker.
+            process.send_signal(signal.SIGINT if profiled else signal.SIGTERM)
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -248,6 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=50_000)
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    parser.add_argument("--profile", type=Path, help="write py-spy profiles of sessions-app here")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(CONTENDERS)
@@ -257,7 +279,9 @@ def main() -> None:
     results: list[Result] = []
     try:
         with EmbeddedBroker() as broker:
-            bench = Bench(broker, workdir, args.sessions)
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+            bench = Bench(broker, workdir, args.sessions, args.profile)
             print(
                 f"input: {bench.fragments:,} fragments, {bench.records:,} records, "
                 f"{args.sessions:,} sessions, {PARTITIONS} partitions; {os.cpu_count()} CPUs",
