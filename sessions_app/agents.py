@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sessions_app.app import app, settings
+from sessions_app.batch import ByPartition
 from sessions_app.expiry import resolve_interrupted_flushes
 from sessions_app.intake import IntakeConsumer
 from sessions_app.pipeline import buffers_lock, process_fragments
@@ -42,26 +43,31 @@ async def reassemble_sessions(stream: Any) -> None:
     source = fragments_topic.get_topic_name()
     while True:
         fetches = [await intake.get()]
-        while sum(len(b) for _, b in fetches) < BATCH_MAX_FRAGMENTS and not intake.empty():
+        size = _size(fetches[0][1])
+        while size < BATCH_MAX_FRAGMENTS and not intake.empty():
             fetches.append(intake.get_nowait())
+            size += _size(fetches[-1][1])
         # Rebalancing: wait; drop fetches from before it (recovery seeks, they come again)
         # and what belongs to partitions no longer ours.
         await flow_control.acquire()
         now = app.consumer_generation_id
         mine = {tp.partition for tp in consumer.assignment() if tp.topic == source}
-        batch = [
-            record
-            for generation, records in fetches
-            if consumer.is_current(generation)
-            for record in records
-            if record.partition in mine
-        ]
+        batch: ByPartition = {}
+        for generation, fetched in fetches:
+            if consumer.is_current(generation):
+                for partition, fragments in fetched.items():
+                    if partition in mine:
+                        batch.setdefault(partition, []).extend(fragments)
         if batch:
             async with lock:
-                await resolve_interrupted_flushes({record.partition for record in batch})
+                await resolve_interrupted_flushes(set(batch))
                 await process_fragments(batch)
             # A rebalance while the batch was applied: leave it unacked. Its partitions were
             # seeked back to their committed offsets and read it again (skipped as applied);
             # an ack now would count offsets of partitions that moved or came back.
             if consumer.is_current(now):
                 consumer.ack_records(batch)
+
+
+def _size(fetched: ByPartition) -> int:
+    return sum(len(fragments) for fragments in fetched.values())

@@ -31,6 +31,10 @@ class Fragment(NamedTuple):
     arrival: int = 0
 
 
+#: Fragments per input partition, each list in offset order.
+ByPartition = dict[int, list[Fragment]]
+
+
 class OutRecord(NamedTuple):
     """A record to produce: complete records and expired remnants (a tuple: cheap to build)."""
 

@@ -40,7 +40,7 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer
 from faust.types.tuples import TP, ack_lock
 from mode.utils.futures import notify
 
-from sessions_app.batch import Fragment
+from sessions_app.batch import ByPartition, Fragment
 
 
 class _FragmentRecords(OrderedDict):  # type: ignore[type-arg]
@@ -109,7 +109,7 @@ class IntakeConsumer(Consumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._intake: asyncio.Queue[tuple[int, list[Fragment]]] | None = None
+        self._intake: asyncio.Queue[tuple[int, ByPartition]] | None = None
         #: Numbers fragments in the order the consumer thread parses them.
         self.next_arrival: Callable[[], int] = itertools.count().__next__
 
@@ -117,8 +117,8 @@ class IntakeConsumer(Consumer):
         return IntakeConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     @property
-    def intake(self) -> asyncio.Queue[tuple[int, list[Fragment]]]:
-        """(generation, fragments) per fetch, in offset order per partition."""
+    def intake(self) -> asyncio.Queue[tuple[int, ByPartition]]:
+        """(generation, fragments per partition) per fetch."""
         if self._intake is None:
             self._intake = asyncio.Queue(maxsize=self.intake_depth)
         return self._intake
@@ -136,7 +136,7 @@ class IntakeConsumer(Consumer):
                     continue
                 # As Faust's getmany: the generation the fetch is handed over in.
                 generation = self.app.consumer_generation_id
-                batch: list[Fragment] = []
+                batch: ByPartition = {}
                 for tp, fetched in records.items():
                     if not (active is None or tp in active or tp in self._buffered_partitions):
                         continue
@@ -149,17 +149,20 @@ class IntakeConsumer(Consumer):
                         fetched[-1].offset - first == len(fetched) - 1
                     ):
                         # The usual case: the offsets that follow, without gaps.
-                        batch.extend(fetched)
+                        batch[tp.partition] = fetched
                         last = fetched[-1].offset
                     else:
+                        fresh = []
                         for fragment in fetched:
                             offset = fragment.offset
                             if last is not None and offset < last:
                                 continue  # handed over already
                             if last and offset - last > 1:
                                 await self._add_gap(tp, last + 1, offset)
-                            batch.append(fragment)
+                            fresh.append(fragment)
                             last = offset
+                        if fresh:
+                            batch[tp.partition] = fresh
                     if last is not None:
                         read_offset[tp] = last
                 if batch:
@@ -188,22 +191,19 @@ class IntakeConsumer(Consumer):
             await self.wait_first(self.callback(message), self.suspend_flow.wait())
             self._read_offset[tp] = record.offset
 
-    def ack_records(self, records: Sequence[Fragment]) -> None:
+    def ack_records(self, batch: ByPartition) -> None:
         """Mark intake records done, as Faust's `ack` does for each of its messages."""
-        by_partition: dict[int, list[int]] = {}
-        for record in records:
-            offsets = by_partition.get(record.partition)
-            if offsets is None:
-                offsets = by_partition[record.partition] = []
-            offsets.append(record.offset)
         assigned = self.assignment()
         with ack_lock:
-            for partition, offsets in by_partition.items():
+            for partition, fragments in batch.items():
                 tp = TP(self.intake_topic, partition)
                 if tp not in assigned:
                     continue  # revoked: Faust dropped its bookkeeping, the new owner rereads
                 committed = self._committed_offset[tp]
                 index = self._acked_index[tp]
+                offsets = [fragment.offset for fragment in fragments]
+                if not offsets:
+                    continue
                 if (committed is None or min(offsets) >= committed) and index.isdisjoint(offsets):
                     fresh = offsets  # the usual case: none acked or committed before
                 else:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sessions_app import keys
 from sessions_app.app import app, settings
-from sessions_app.batch import BatchResult, Fragment, OutRecord, apply_fragments, remnant
+from sessions_app.batch import BatchResult, ByPartition, OutRecord, apply_fragments, remnant
 from sessions_app.counters import totals
 from sessions_app.monitoring import capacity
 from sessions_app.session_state import SessionState
@@ -68,11 +68,9 @@ def live_sessions() -> dict[int, int]:
     return {p: data.live_count(p) for p in active_partitions()}
 
 
-async def process_fragments(consumed: Sequence[Fragment]) -> None:
+async def process_fragments(consumed: ByPartition) -> None:
     """Apply one batch of consumed fragments, then send and persist what it produced."""
-    by_partition: dict[int, list[Fragment]] = {}
-    for fragment in consumed:
-        by_partition.setdefault(fragment.partition, []).append(fragment)
+    by_partition = dict(consumed)
     data = store()
     now_us = int(time.time() * 1_000_000)
     live = sum(live_sessions().values())
