@@ -45,7 +45,9 @@ class Settings:
     dlq_topic: str = "sessions-dlq"
     broker_session_timeout: float = 10.0
     broker_heartbeat_interval: float = 3.0
-    producer_max_batch_size: int = 16 * 1024
+    # aiokafka has one produce request in flight per broker: a batch of records to a
+    # partition that needs several producer batches waits a round trip for each.
+    producer_max_batch_size: int = 512 * 1024
     rocksdb_memory: int = 128 * 1024 * 1024
     idle_timeout: float = 300.0
     max_sessions: int = 1_000_000
