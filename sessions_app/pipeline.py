@@ -19,7 +19,7 @@ from sessions_app.batch import BatchResult, ByPartition, OutRecord, apply_fragme
 from sessions_app.counters import totals
 from sessions_app.monitoring import capacity
 from sessions_app.session_state import SessionState
-from sessions_app.store import SessionStore
+from sessions_app.store import SessionStore, prepare_write
 from sessions_app.tables import session_buffers
 from sessions_app.topics import dead_letter_topic, expired_topic, records_topic
 
@@ -99,21 +99,21 @@ async def process_fragments(consumed: ByPartition) -> None:
     if live > settings.max_sessions and not reject:
         _evict(results, live - settings.max_sessions)
 
-    await deliver(
+    outputs = await send_outputs(
         (
             [(records_topic, p, r.records) for p, r in results.items()]
             + [(expired_topic, p, r.expired) for p, r in results.items()]
         ),
         [dl for r in results.values() for dl in r.dead_letters],
     )
-    await persist(
-        {
-            p: Changes(
-                r.writes, r.before, watermark=r.applied_through if p in by_partition else None
-            )
-            for p, r in results.items()
-        }
-    )
+    changes = {
+        p: Changes(r.writes, r.before, watermark=r.applied_through if p in by_partition else None)
+        for p, r in results.items()
+    }
+    # Encoded while the outputs are on their way; the changelog goes once they are in.
+    encoded = encode(changes)
+    await outputs.delivered()
+    await persist(changes, encoded)
     # Counted once delivered and persisted: a total seen in the stats is done.
     totals.fragments_consumed += sum(len(f) for f in by_partition.values())
     for result in results.values():
@@ -172,23 +172,39 @@ def _evict(results: dict[int, BatchResult], how_many: int) -> None:
 Outgoing = tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]
 
 
-async def send_batched(sends: dict[tuple[str, int], list[Outgoing]]) -> dict[tuple[str, int], int]:
-    """Send (key, value, headers) lists to their (topic, partition); wait until all are in.
+@dataclass
+class InFlight:
+    """Records handed to the producer, in order per partition, not yet known to be in."""
+
+    batches: list[tuple[tuple[str, int], int, Any]] = field(default_factory=list)
+    singles: list[Any] = field(default_factory=list)
+
+    async def delivered(self) -> dict[tuple[str, int], int]:
+        """Wait until the broker has every record; return each (topic, partition)'s last offset."""
+        acked = await asyncio.gather(*(future for _, _, future in self.batches))
+        await asyncio.gather(*self.singles)
+        last: dict[tuple[str, int], int] = {}
+        for (where, count, _), metadata in zip(self.batches, acked, strict=True):
+            last[where] = max(last.get(where, -1), metadata.offset + count - 1)
+        return last
+
+
+async def hand_over(sends: dict[tuple[str, int], list[Outgoing]]) -> InFlight:
+    """Hand (key, value, headers) lists for their (topic, partition) to the producer.
 
     Records go into the producer's batches directly, a batch per
     SESSIONS_PRODUCER_MAX_BATCH_SIZE bytes, instead of a coroutine per record
     through Faust's and aiokafka's send(). Order within a partition is kept.
-    Returns, per (topic, partition), the offset of the last record sent.
     """
     producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
-    pending: list[tuple[tuple[str, int], int, Any]] = []
+    in_flight = InFlight()
     for (topic, partition), records in sends.items():
         batch, count = producer.create_batch(), 0
         for key, value, header_items in records:
             headers = list(header_items)  # the record builder takes a list only
             if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                 future = await producer.send_batch(batch, topic, partition=partition)
-                pending.append(((topic, partition), count, future))
+                in_flight.batches.append(((topic, partition), count, future))
                 batch, count = producer.create_batch(), 0
                 # An empty batch takes any one record, whatever the size limit.
                 batch.append(key=key, value=value, timestamp=None, headers=headers)
@@ -196,18 +212,14 @@ async def send_batched(sends: dict[tuple[str, int], list[Outgoing]]) -> dict[tup
         if count:
             batch.close()
             future = await producer.send_batch(batch, topic, partition=partition)
-            pending.append(((topic, partition), count, future))
-    delivered = await asyncio.gather(*(future for _, _, future in pending))
-    last: dict[tuple[str, int], int] = {}
-    for (where, count, _), metadata in zip(pending, delivered, strict=True):
-        last[where] = max(last.get(where, -1), metadata.offset + count - 1)
-    return last
+            in_flight.batches.append(((topic, partition), count, future))
+    return in_flight
 
 
-async def deliver(
+async def send_outputs(
     outputs: Iterable[tuple[Any, int, Sequence[OutRecord]]], dead_letters: Sequence[Any] = ()
-) -> None:
-    """Send records to their topics and partitions and wait until the broker has all of them."""
+) -> InFlight:
+    """Hand records for their topics and partitions, and dead letters, to the producer."""
     sends: dict[tuple[str, int], list[Outgoing]] = {}
     for topic, partition, records in outputs:
         if records:
@@ -222,18 +234,38 @@ async def deliver(
         )
         for letter in dead_letters
     ]
-    await send_batched(sends)
-    await asyncio.gather(*letters)
+    in_flight = await hand_over(sends)
+    in_flight.singles = letters
+    return in_flight
 
 
-async def persist(changes: dict[int, Changes]) -> None:
-    """Send the changes to the changelog, wait, then write each partition's RocksDB batch."""
-    changelog = session_buffers.changelog_topic.get_topic_name()
-    # Encoded once: the same bytes go to the changelog and to RocksDB.
-    encoded = {
+async def deliver(
+    outputs: Iterable[tuple[Any, int, Sequence[OutRecord]]], dead_letters: Sequence[Any] = ()
+) -> None:
+    """Send records to their topics and partitions and wait until the broker has all of them."""
+    await (await send_outputs(outputs, dead_letters)).delivered()
+
+
+Encoded = dict[int, dict[bytes, bytes | None]]
+
+
+def encode(changes: dict[int, Changes]) -> Encoded:
+    """Return each partition's new states in stored form (None deletes)."""
+    return {
         partition: {sid: None if s is None else s.encode() for sid, s in change.writes.items()}
         for partition, change in changes.items()
     }
+
+
+async def persist(changes: dict[int, Changes], encoded: Encoded | None = None) -> None:
+    """Send the changes to the changelog, wait, then write each partition's RocksDB batch.
+
+    `encoded` is `encode(changes)` if the caller made it already.
+    """
+    changelog = session_buffers.changelog_topic.get_topic_name()
+    # Encoded once: the same bytes go to the changelog and to RocksDB.
+    if encoded is None:
+        encoded = encode(changes)
     sends: dict[tuple[str, int], list[Outgoing]] = {}
     for partition, change in changes.items():
         # Markers before buffers: the changelog is written in order per partition, so a
@@ -250,28 +282,20 @@ async def persist(changes: dict[int, Changes]) -> None:
             records.append((keys.WATERMARK_KEY, keys.encode_offset(change.watermark), ()))
         if records:
             sends[(changelog, partition)] = records
-    last = {partition: offset for (_, partition), offset in (await send_batched(sends)).items()}
+    in_flight = await hand_over(sends)
+    # While the changelog is on its way: the RocksDB batches, all but the offset it gets.
+    prepared = {
+        partition: prepare_write(
+            change.writes, change.before, encoded[partition], change.markers, change.watermark
+        )
+        for partition, change in changes.items()
+    }
+    last = {partition: offset for (_, partition), offset in (await in_flight.delivered()).items()}
     data = store()
     # Partitions that lose sessions first, so the cap holds even between two writes.
-    order = sorted(last, key=lambda p: _delta(changes[p]))
+    order = sorted(last, key=lambda p: prepared[p].delta)
     for partition in order:
-        change = changes[partition]
-        data.write_sessions(
-            partition,
-            change.writes,
-            change.before,
-            encoded[partition],
-            last[partition],
-            change.markers,
-            change.watermark,
-        )
-
-
-def _delta(change: Changes) -> int:
-    return sum(
-        (after is not None) - (change.before.get(key) is not None)
-        for key, after in change.writes.items()
-    )
+        data.commit_write(partition, prepared[partition], last[partition])
 
 
 def _count(result: BatchResult) -> None:

@@ -109,6 +109,48 @@ def last_seen_of(raw: bytes | None) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class PreparedWrite:
+    """A partition's RocksDB write batch, all but the count and the changelog offset."""
+
+    batch: Any
+    delta: int
+
+
+def prepare_write(
+    writes: Mapping[bytes, SessionState | None],
+    before: Mapping[bytes, SessionState | None],
+    encoded: Mapping[bytes, bytes | None],
+    markers: Mapping[bytes, bytes | None] | None = None,
+    watermark: int | None = None,
+) -> PreparedWrite:
+    """Build the write batch for buffers (None deletes), their index entries and markers.
+
+    `encoded` holds each state of `writes` in its stored form, as sent to the changelog.
+    """
+    batch = rocksdict.WriteBatch(raw_mode=True)
+    delta = 0
+    for session_id, state in writes.items():
+        old = before.get(session_id)
+        if old is not None:
+            batch.delete(keys.idle_key(old.last_seen_us, session_id))
+            delta -= 1
+        if state is None:
+            batch.delete(keys.buffer_key(session_id))
+        else:
+            batch.put(keys.buffer_key(session_id), encoded[session_id])
+            batch.put(keys.idle_key(state.last_seen_us, session_id), b"")
+            delta += 1
+    for session_id, marker in (markers or {}).items():
+        if marker is None:
+            batch.delete(keys.marker_key(session_id))
+        else:
+            batch.put(keys.marker_key(session_id), marker)
+    if watermark is not None:
+        batch.put(keys.WATERMARK_KEY, keys.encode_offset(watermark))
+    return PreparedWrite(batch, delta)
+
+
 class SessionStore(FaustRocksDBStore):
     """Faust's RocksDB store, budgeted, with the idle index and counts maintained."""
 
@@ -157,41 +199,9 @@ class SessionStore(FaustRocksDBStore):
         super().reset_state()
         self.live.clear()
 
-    def write_sessions(
-        self,
-        partition: int,
-        writes: Mapping[bytes, SessionState | None],
-        before: Mapping[bytes, SessionState | None],
-        encoded: Mapping[bytes, bytes | None],
-        changelog_offset: int,
-        markers: Mapping[bytes, bytes | None] | None = None,
-        watermark: int | None = None,
-    ) -> None:
-        """Persist buffers (None deletes), index entries, count and changelog offset atomically.
-
-        `encoded` holds each state of `writes` in its stored form, as sent to the changelog.
-        """
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        delta = 0
-        for session_id, state in writes.items():
-            old = before.get(session_id)
-            if old is not None:
-                batch.delete(keys.idle_key(old.last_seen_us, session_id))
-                delta -= 1
-            if state is None:
-                batch.delete(keys.buffer_key(session_id))
-            else:
-                batch.put(keys.buffer_key(session_id), encoded[session_id])
-                batch.put(keys.idle_key(state.last_seen_us, session_id), b"")
-                delta += 1
-        for session_id, marker in (markers or {}).items():
-            if marker is None:
-                batch.delete(keys.marker_key(session_id))
-            else:
-                batch.put(keys.marker_key(session_id), marker)
-        if watermark is not None:
-            batch.put(keys.WATERMARK_KEY, keys.encode_offset(watermark))
-        self._finish(partition, batch, delta, changelog_offset)
+    def commit_write(self, partition: int, prepared: PreparedWrite, changelog_offset: int) -> None:
+        """Write a prepared batch, with the live count and the changelog offset it is at."""
+        self._finish(partition, prepared.batch, prepared.delta, changelog_offset)
 
     def _finish(
         self, partition: int, batch: Any, delta: int, changelog_offset: int, db: Any = None
