@@ -12,13 +12,17 @@ in turn by each contender as a process with its own output topic:
   quix         quixstreams with its RocksDB state (bench/peers.py; `pip install -e .[bench]`)
 
 Throughput is fragments per second while the output flows steadily: the
-share of output records between their 10th and 90th percentile timestamps
-(stamped by each contender's producer when it sends), over that time.
+80% of the output between the moments the sink topic held 10% and 90% of it
+(its high watermarks, sampled every 50 ms), over that time.
 Every contender's output is checked against the input: each session's
 records, byte for byte and in order. CPU is the contender process's user +
 system seconds per 100k fragments, start-up included.
 
-    .venv/bin/python -m bench.throughput [--sessions 50000] [--only dict,sessions-app]
+    .venv/bin/python -m bench.throughput [--sessions 50000] [--only dict,sessions-app] [--rounds 3]
+
+With --rounds N every contender runs N times, in turn, and the medians and
+the median of the per-round ratios are printed: on a shared machine one
+run's figures move by a fifth.
 
 With --profile DIR, each sessions-app worker runs under py-spy (a bench
 extra), which writes DIR/<contender>.txt: collapsed stacks per thread, for
@@ -34,6 +38,7 @@ import contextlib
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,14 +75,18 @@ def cpu_seconds(pid: int, path: str = "") -> float:
 
 async def wait_for_output(
     bootstrap: str, topic: str, count: int, alive: Callable[[], bool], timeout: float
-) -> None:
-    """Wait until `topic` holds `count` records, reading only its high watermarks."""
+) -> list[tuple[float, int]]:
+    """Wait until `topic` holds `count` records, reading only its high watermarks.
+
+    Returns (monotonic time, records in the topic) samples, about 50 ms apart.
+    """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=4096
     )
     await consumer.start()
+    samples: list[tuple[float, int]] = []
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         consumer.assign(tps)
@@ -92,30 +101,43 @@ async def wait_for_output(
             await consumer.getmany(timeout_ms=100, max_records=PARTITIONS)
             for tp in tps:
                 ends[tp] = max(ends[tp], consumer.highwater(tp) or 0)
-            await asyncio.sleep(0.3)
+            samples.append((time.monotonic(), sum(ends.values())))
+            await asyncio.sleep(0.05)
     finally:
         await consumer.stop()
+    return samples
 
 
-def read_all(bootstrap: str, topic: str) -> tuple[list[float], dict[bytes, list[bytes]]]:
-    """Every record of `topic`: the timestamps (s), and values per key in partition order."""
-    stamps: list[float] = []
-    by_key: dict[bytes, list[bytes]] = defaultdict(list)
-    for r in asyncio.run(read_topic(bootstrap, topic, PARTITIONS)):
-        stamps.append(r.timestamp / 1000)
-        by_key[r.key or b""].append(r.value or b"")
-    return stamps, by_key
-
-
-def steady_rate(stamps: list[float]) -> float:
+def steady_rate(samples: list[tuple[float, int]], count: int) -> float:
     """The share of the output produced per second between its 10th and 90th percentile.
 
-    From the first output record to the last would leave out whatever a contender
-    consumed before its first output, which flatters designs that work in large batches.
+    From the topic's growth as sampled: the times it held 10% and 90% of `count`,
+    interpolated between samples. Record timestamps would not do: quixstreams gives
+    its output the input's timestamps. From the first output record to the last would
+    leave out whatever a contender consumed before its first output, which flatters
+    designs that work in large batches.
     """
-    ordered = sorted(stamps)
-    low, high = len(ordered) // 10, len(ordered) * 9 // 10
-    return (high - low) / len(ordered) / (ordered[high] - ordered[low])
+
+    def reached(share: float) -> float:
+        target = count * share
+        before = (samples[0][0], 0)
+        for at, seen in samples:
+            if seen >= target:
+                (t0, n0), (t1, n1) = before, (at, seen)
+                return t1 if n1 == n0 else t0 + (t1 - t0) * (target - n0) / (n1 - n0)
+            before = (at, seen)
+        raise ValueError(f"the output never reached {share:.0%} of {count}")
+
+    return 0.8 / (reached(0.9) - reached(0.1))
+
+
+def read_all(bootstrap: str, topic: str) -> tuple[int, dict[bytes, list[bytes]]]:
+    """Every record of `topic`: how many, and the values per key in partition order."""
+    records = asyncio.run(read_topic(bootstrap, topic, PARTITIONS))
+    by_key: dict[bytes, list[bytes]] = defaultdict(list)
+    for r in records:
+        by_key[r.key or b""].append(r.value or b"")
+    return len(records), by_key
 
 
 def thread_cpu_seconds(pid: int) -> list[float]:
@@ -150,11 +172,11 @@ class Bench:
         asyncio.run(send_all(broker.bootstrap, "tp-in", self.items))
 
     def command(self, name: str, sink: str) -> tuple[list[str], dict[str, str]]:
-        py, bootstrap, state = sys.executable, self.broker.bootstrap, self.workdir / name
+        py, bootstrap, state = sys.executable, self.broker.bootstrap, self.workdir / sink
         if name == "raw":
             return [py, "-m", "bench.peers", "raw", bootstrap, "tp-in", sink], {}
         if name == "dict":
-            progress = str(self.workdir / "dict.progress")
+            progress = str(self.workdir / f"{sink}.progress")
             return [
                 py,
                 "-m",
@@ -202,8 +224,8 @@ class Bench:
             return [py, "-m", "sessions_app", "worker", "-l", "warn"], env
         raise ValueError(name)
 
-    def run(self, name: str) -> Result:
-        sink = f"tp-out-{name}"
+    def run(self, name: str, round_: int = 1) -> Result:
+        sink = f"tp-out-{name}-r{round_}"
         create_topics_sync(
             self.broker.bootstrap,
             [sink]
@@ -218,7 +240,7 @@ class Bench:
         if profiled:
             assert self.profile is not None
             spy = str(Path(sys.executable).parent / "py-spy")
-            output = self.profile / f"{name}.txt"
+            output = self.profile / f"{name}-r{round_}.txt"
             options = ["--threads", "--nonblocking", "--rate", "200", "--format", "raw"]
             command = [spy, "record", *options, "--output", str(output), "--", *command]
         want = self.fragments if name == "raw" else self.records
@@ -228,7 +250,7 @@ class Bench:
                 command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
             )
         try:
-            asyncio.run(
+            samples = asyncio.run(
                 wait_for_output(
                     self.broker.bootstrap, sink, want, lambda: process.poll() is None, 1800
                 )
@@ -249,7 +271,7 @@ class Bench:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        stamps, by_key = read_all(self.broker.bootstrap, sink)
+        output, by_key = read_all(self.broker.bootstrap, sink)
         truth = self.by_key_fragments if name == "raw" else self.expected
         wrong = sum(1 for key, values in truth.items() if by_key.get(key) != values)
         extra = set(by_key) - set(truth)
@@ -258,9 +280,9 @@ class Bench:
         )
         return Result(
             name,
-            self.fragments * steady_rate(stamps),
+            self.fragments * steady_rate(samples, want),
             cpu / self.fragments * 100_000,
-            len(stamps),
+            output,
             verdict,
         )
 
@@ -269,6 +291,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=50_000)
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    parser.add_argument("--rounds", type=int, default=1, help="run every contender this often")
     parser.add_argument("--profile", type=Path, help="write py-spy profiles of sessions-app here")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
@@ -287,24 +310,42 @@ def main() -> None:
                 f"{args.sessions:,} sessions, {PARTITIONS} partitions; {os.cpu_count()} CPUs",
                 flush=True,
             )
-            for name in names:
-                result = bench.run(name)
-                results.append(result)
-                print(
-                    f"{name:<17}{result.fragments_per_s:>10,.0f} fragments/s"
-                    f"{result.cpu_per_100k:>8.1f} CPU s/100k  {result.output:>9,} out  "
-                    f"{result.verdict}",
-                    flush=True,
-                )
+            for round_ in range(1, args.rounds + 1):
+                for name in names:
+                    result = bench.run(name, round_)
+                    results.append(result)
+                    print(
+                        f"{name:<17}{result.fragments_per_s:>10,.0f} fragments/s"
+                        f"{result.cpu_per_100k:>8.1f} CPU s/100k  {result.output:>9,} out  "
+                        f"{result.verdict}",
+                        flush=True,
+                    )
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
-    mine = [r for r in results if r.name.startswith("sessions-app") and r.fragments_per_s]
-    others = [r for r in results if not r.name.startswith("sessions-app") and r.fragments_per_s]
-    for ours in mine:
-        for other in others:
-            ratio = ours.fragments_per_s / other.fragments_per_s
-            print(f"{ours.name:<16} / {other.name:<12} {ratio:6.2f}x")
+    runs: dict[str, list[Result]] = defaultdict(list)
+    for result in results:
+        runs[result.name].append(result)
+    if args.rounds > 1:
+        print(f"median of {args.rounds} rounds:")
+        for name, of_name in runs.items():
+            rate = statistics.median(r.fragments_per_s for r in of_name)
+            cpu = statistics.median(r.cpu_per_100k for r in of_name)
+            print(f"{name:<17}{rate:>10,.0f} fragments/s{cpu:>8.1f} CPU s/100k")
+    for ours in (n for n in runs if n.startswith("sessions-app")):
+        for other in (n for n in runs if not n.startswith("sessions-app")):
+            # Per round: the two ran minutes apart on the same broker.
+            ratios = [
+                a.fragments_per_s / b.fragments_per_s
+                for a, b in zip(runs[ours], runs[other], strict=True)
+                if a.fragments_per_s and b.fragments_per_s
+            ]
+            if ratios:
+                each = ", ".join(f"{r:.2f}" for r in ratios)
+                median = statistics.median(ratios)
+                print(
+                    f"{ours:<16} / {other:<12} {median:6.2f}x" + (f"  ({each})" * (len(ratios) > 1))
+                )
 
 
 if __name__ == "__main__":
