@@ -25,9 +25,9 @@ the median of the per-round ratios are printed: on a shared machine one
 run's figures move by a fifth.
 
 With --profile DIR, each sessions-app worker runs under py-spy (a bench
-extra), which writes DIR/<contender>.txt: collapsed stacks per thread, for
-flamegraph tools or a grep; the CPU time of each of the worker's threads is
-printed. Figures of a profiled run carry py-spy's overhead.
+extra), which writes DIR/<contender>-r<round>.txt: collapsed stacks per
+thread, for flamegraph tools or a grep; the CPU time of each of the worker's
+threads is printed. Figures of a profiled run carry py-spy's overhead.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ class Result:
     verdict: str
 
 
-def cpu_seconds(pid: int, path: str = "") -> float:
-    """User + system CPU seconds of a process (or of the thread `path` names), from /proc."""
-    with open(path or f"/proc/{pid}/stat") as stat:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process, or of one of its threads, from /proc."""
+    with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -145,7 +145,7 @@ def thread_cpu_seconds(pid: int) -> list[float]:
     seconds = []
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError):
-            seconds.append(cpu_seconds(int(task), f"/proc/{pid}/task/{task}/stat"))
+            seconds.append(cpu_seconds(pid, int(task)))
     return sorted(seconds, reverse=True)
 
 
@@ -244,7 +244,7 @@ class Bench:
             options = ["--threads", "--nonblocking", "--rate", "200", "--format", "raw"]
             command = [spy, "record", *options, "--output", str(output), "--", *command]
         want = self.fragments if name == "raw" else self.records
-        log = self.workdir / f"{name}.log"
+        log = self.workdir / f"{sink}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
