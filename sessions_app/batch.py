@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from sessions_app.reassembly import cut_records
+from sessions_app.reassembly import cut_records, unfinished_delimiter
 from sessions_app.session_state import SessionState
 
 Headers = tuple[tuple[str, bytes], ...]
@@ -196,11 +196,14 @@ def apply_fragments(
                 out.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
                 seq += 1
             if max_buffer_bytes is not None and len(pending) > max_buffer_bytes:
-                result.expired.append(
-                    remnant(key, SessionState(next_seq=seq, pending=pending), "overflow")
-                )
-                result.overflows += 1
-                pending = b""
+                # Bytes that may begin a delimiter stay: the next fragment may complete it.
+                head = len(pending) - unfinished_delimiter(pending, delimiter)
+                if head:
+                    result.expired.append(
+                        remnant(key, SessionState(next_seq=seq, pending=pending[:head]), "overflow")
+                    )
+                    result.overflows += 1
+                    pending = pending[head:]
             # Microseconds plus the arrival keep sessions of one batch in arrival order.
             new_state = SessionState(offset, seq, now_us + fragment.arrival, pending)
         except CapacityReached as exc:

@@ -27,6 +27,22 @@ def cut_records(pending: bytes, fragment: bytes, delimiter: bytes) -> tuple[list
     return records, tail
 
 
+def unfinished_delimiter(pending: bytes, delimiter: bytes) -> int:
+    """Return how many of `pending`'s last bytes could begin a delimiter the next fragment ends.
+
+    That is the longest end of `pending` that is a proper start of `delimiter`
+    (0 for a one-byte delimiter). A flush of pending bytes must keep those bytes,
+    or a delimiter split across two fragments would be cut in two and its first
+    bytes sent as part of the record. `pending` holds no whole delimiter, so a
+    delimiter the next fragment completes starts at the earliest such end: keeping
+    the longest one keeps every cut where it would have been.
+    """
+    for size in range(min(len(delimiter) - 1, len(pending)), 0, -1):
+        if pending.endswith(delimiter[:size]):
+            return size
+    return 0
+
+
 def frame(records: list[bytes], delimiter: bytes) -> bytes:
     """Join records into the byte stream a producer sends: each record then the delimiter."""
     return b"".join(record + delimiter for record in records)

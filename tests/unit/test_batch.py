@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from sessions_app.batch import Fragment, apply_fragments
+import itertools
+from typing import Any
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from sessions_app.batch import Fragment, OutRecord, apply_fragments
 from sessions_app.session_state import SessionState
 
 NL = b"\n"
@@ -156,3 +162,178 @@ def test_reject_refuses_new_sessions_beyond_what_may_open() -> None:
     assert letter.fragment.key == b"b"
     assert dict(letter.headers())["error.stage"] == b"capacity"
     assert result.live_delta == 1
+
+
+def test_a_flush_at_the_byte_cap_never_splits_a_multi_byte_delimiter() -> None:
+    # The cap is passed with "\r" as the last byte: it may begin the delimiter "\r\n".
+    result = apply_fragments(
+        [frag(0, b"s", b"a" * 100 + b"\r"), frag(1, b"s", b"\nnext\r\n")],
+        Buffers().get,
+        b"\r\n",
+        now_us=0,
+        max_buffer_bytes=100,
+    )
+    assert [(r.value, dict(r.headers)) for r in result.expired] == [
+        (b"a" * 100, {"reason": b"overflow", "seq": b"0"})
+    ]
+    assert [(r.value, dict(r.headers)["seq"]) for r in result.records] == [
+        (b"", b"0"),
+        (b"next", b"1"),
+    ]
+
+
+# --- properties of the batch core ---------------------------------------------------------
+
+SESSION_IDS = (b"s1", b"s2", b"s3")
+
+
+@st.composite
+def traffic(draw: st.DrawFn) -> tuple[bytes, dict[bytes, bytes], list[Fragment]]:
+    """A delimiter, each session's whole byte stream, and those streams cut into fragments.
+
+    Streams are built from the delimiter's own bytes, so delimiters, split ones and
+    self-overlapping matches (b"aa" in b"aaa") are common; fragments of different
+    sessions are interleaved, each session's in order.
+    """
+    delimiter = draw(
+        st.sampled_from([b"\n", b"\r\n", b"aa", b"aba", b"abab"])
+        | st.binary(min_size=1, max_size=4)
+    )
+    alphabet = sorted(set(delimiter) | {ord("x")})
+    piece = st.sampled_from([delimiter, delimiter[:1], delimiter[1:] or delimiter]) | st.lists(
+        st.sampled_from(alphabet), max_size=6
+    ).map(bytes)
+    streams: dict[bytes, bytes] = {}
+    queues: list[list[bytes]] = []
+    for session_id in SESSION_IDS[: draw(st.integers(1, len(SESSION_IDS)))]:
+        stream = b"".join(draw(st.lists(piece, max_size=12)))
+        streams[session_id] = stream
+        cuts = sorted(draw(st.sets(st.integers(1, max(len(stream) - 1, 1)), max_size=8)))
+        bounds = [0, *(c for c in cuts if c < len(stream)), len(stream)]
+        queues.append([session_id + b"|" + stream[a:b] for a, b in itertools.pairwise(bounds)])
+    order = draw(st.permutations([i for i, queue in enumerate(queues) for _ in queue]))
+    fragments = []
+    for offset, index in enumerate(order):
+        session_id, _, value = queues[index].pop(0).partition(b"|")
+        fragments.append(frag(offset, session_id, value))
+    return delimiter, streams, fragments
+
+
+def run(
+    batches: list[list[Fragment]], delimiter: bytes, cap: int | None
+) -> tuple[list[OutRecord], list[OutRecord], dict[bytes, SessionState], int]:
+    """Apply batches in turn to one partition's buffers and watermark, as the pipeline does."""
+    buffers = Buffers()
+    watermark = -1
+    records: list[OutRecord] = []
+    expired: list[OutRecord] = []
+    for batch in batches:
+        result = apply_fragments(
+            batch,
+            buffers.get,
+            delimiter,
+            now_us=0,
+            max_buffer_bytes=cap,
+            applied_through=watermark,
+        )
+        for key, state in result.writes.items():
+            if state is None:
+                buffers.pop(key, None)
+            else:
+                buffers[key] = state.encode()
+        watermark = result.applied_through
+        records += result.records
+        expired += result.expired
+    states = {
+        key: SessionState.decode(raw)._replace(last_seen_us=0) for key, raw in buffers.items()
+    }
+    return records, expired, states, watermark
+
+
+def split(fragments: list[Fragment], cuts: list[int]) -> list[list[Fragment]]:
+    bounds = [0, *sorted({c % (len(fragments) + 1) for c in cuts}), len(fragments)]
+    return [fragments[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+caps = st.none() | st.integers(min_value=1, max_value=12)
+EDGE_CASES = [
+    (b"\r\n", {b"s1": b"a" * 100 + b"\r\nnext\r\n"}, [100, 101], 100),
+    (b"\r\n", {b"s1": b"ab\r\ncd\r"}, [2, 3, 6], 1),
+    (b"aa", {b"s1": b"xaaaxa" + b"a" * 5}, [1, 2, 3, 5], 1),
+    (b"aba", {b"s1": b"ababa" + b"xab" + b"aba"}, [1, 3, 4, 7], 2),
+]
+
+
+def with_edge_cases(**more: Any) -> Any:
+    """Pin EDGE_CASES as examples: one session's stream cut at the given offsets."""
+
+    def decorate(test: Any) -> Any:
+        for delimiter, streams, cuts, cap in EDGE_CASES:
+            (stream,) = streams.values()
+            bounds = itertools.pairwise([0, *cuts, len(stream)])
+            fragments = [frag(i, b"s1", stream[a:b]) for i, (a, b) in enumerate(bounds)]
+            test = example(case=(delimiter, streams, fragments), cap=cap, **more)(test)
+        return test
+
+    return decorate
+
+
+@settings(max_examples=400, deadline=None)
+@with_edge_cases()
+@given(traffic(), caps)
+def test_records_out_are_the_stream_cut_at_the_delimiter_and_flushes_lose_nothing(
+    case: tuple[bytes, dict[bytes, bytes], list[Fragment]], cap: int | None
+) -> None:
+    delimiter, streams, fragments = case
+    records, expired, states, _ = run([fragments], delimiter, cap)
+    for session_id, stream in streams.items():
+        *whole, tail = stream.split(delimiter)
+        emitted = [r for r in records if r.key == session_id]
+        assert [dict(r.headers)["seq"] for r in emitted] == [b"%d" % i for i in range(len(whole))]
+        heads: dict[int, bytes] = {}
+        for r in expired:
+            if r.key == session_id:
+                assert dict(r.headers)["reason"] == b"overflow"
+                seq = int(dict(r.headers)["seq"])
+                heads[seq] = heads.get(seq, b"") + r.value
+        # Expired heads plus the emitted tail give each whole record, byte for byte.
+        assert [heads.get(i, b"") + r.value for i, r in enumerate(emitted)] == whole
+        state = states.get(session_id)
+        pending = b"" if state is None else state.pending
+        assert heads.get(len(whole), b"") + pending == tail
+        if state is not None:
+            assert state.next_seq == len(whole)
+            if cap is not None:
+                # The cap holds, but for bytes that may begin a delimiter.
+                assert len(state.pending) <= max(cap, len(delimiter) - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@with_edge_cases(cuts=[1, 2])
+@given(traffic(), caps, st.lists(st.integers(min_value=0), max_size=6))
+def test_any_split_into_batches_gives_the_same_outputs_and_states(
+    case: tuple[bytes, dict[bytes, bytes], list[Fragment]],
+    cap: int | None,
+    cuts: list[int],
+) -> None:
+    delimiter, _, fragments = case
+    assert run(split(fragments, cuts), delimiter, cap) == run([fragments], delimiter, cap)
+
+
+@settings(max_examples=300, deadline=None)
+@given(traffic(), caps, st.lists(st.tuples(st.integers(0), st.integers(0)), max_size=4))
+def test_redelivered_offsets_are_applied_once_and_emit_nothing_new(
+    case: tuple[bytes, dict[bytes, bytes], list[Fragment]],
+    cap: int | None,
+    rewinds: list[tuple[int, int]],
+) -> None:
+    delimiter, _, fragments = case
+    # After each batch, a crash or rebalance rewinds the input to an earlier offset.
+    batches: list[list[Fragment]] = []
+    position = 0
+    for step, back in rewinds:
+        end = min(position + step % 7 + 1, len(fragments))
+        batches.append(fragments[position:end])
+        position = end - back % (end + 1)
+    batches.append(fragments[position:])
+    assert run(batches, delimiter, cap) == run([fragments], delimiter, cap)
