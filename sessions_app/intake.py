@@ -30,7 +30,6 @@ Other topics, if any agent ever consumes one, keep Faust's per-record path.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,13 +47,12 @@ class _FragmentRecords(OrderedDict):  # type: ignore[type-arg]
 
     The fetcher stores each partition's fetched batches here before any record is
     parsed; the records of the intake topic then come out of its iterator as
-    `Fragment` tuples, numbered in the order they are parsed (their arrival).
+    `Fragment` tuples.
     """
 
-    def __init__(self, topic: str, arrivals: Callable[[], int], fetched: Any) -> None:
+    def __init__(self, topic: str, fetched: Any) -> None:
         super().__init__()
         self._topic = topic
-        self._arrivals = arrivals
         for tp, result in fetched.items():
             self[tp] = result
 
@@ -65,11 +63,11 @@ class _FragmentRecords(OrderedDict):  # type: ignore[type-arg]
         super().__setitem__(tp, result)
 
     def _builder(self, tp: Any) -> Callable[[Any, Any], Fragment]:
-        topic, partition, arrivals = tp.topic, tp.partition, self._arrivals
+        topic, partition = tp.topic, tp.partition
         new = tuple.__new__
 
         def to_fragment(_tp: Any, record: Any) -> Fragment:
-            fields = (topic, partition, record.offset, record.key, record.value, arrivals())
+            fields = (topic, partition, record.offset, record.key, record.value)
             return new(Fragment, fields)
 
         return to_fragment
@@ -90,9 +88,7 @@ class IntakeConsumerThread(AIOKafkaConsumerThread):
         # Faust gives aiokafka no deserializers (it decodes in its own layer), so the
         # Fragment carries the bytes aiokafka's record would.
         if type(fetcher._records) is not _FragmentRecords:
-            fetcher._records = _FragmentRecords(
-                intake.intake_topic, intake.next_arrival, fetcher._records
-            )
+            fetcher._records = _FragmentRecords(intake.intake_topic, fetcher._records)
         return await super()._fetch_records(
             consumer, active_partitions, timeout=timeout, max_records=max_records
         )
@@ -110,8 +106,6 @@ class IntakeConsumer(Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._intake: asyncio.Queue[tuple[int, ByPartition]] | None = None
-        #: Numbers fragments in the order the consumer thread parses them.
-        self.next_arrival: Callable[[], int] = itertools.count().__next__
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return IntakeConsumerThread(self, loop=self.loop, beacon=self.beacon)

@@ -15,7 +15,14 @@ from typing import Any
 
 from sessions_app import keys
 from sessions_app.app import app, settings
-from sessions_app.batch import BatchResult, ByPartition, OutRecord, apply_fragments, remnant
+from sessions_app.batch import (
+    ActivityClock,
+    BatchResult,
+    ByPartition,
+    OutRecord,
+    apply_fragments,
+    remnant,
+)
 from sessions_app.counters import totals
 from sessions_app.monitoring import capacity
 from sessions_app.session_state import SessionState
@@ -35,6 +42,7 @@ class Changes:
 
 
 _lock: asyncio.Lock | None = None
+_clock = ActivityClock()
 
 
 def buffers_lock() -> asyncio.Lock:
@@ -72,7 +80,9 @@ async def process_fragments(consumed: ByPartition) -> None:
     """Apply one batch of consumed fragments, then send and persist what it produced."""
     by_partition = dict(consumed)
     data = store()
-    now_us = int(time.time() * 1_000_000)
+    now_us = _clock.stamp(
+        int(time.time() * 1_000_000), sum(len(fragments) for fragments in by_partition.values())
+    )
     live = sum(live_sessions().values())
     reject = settings.cap_policy == "reject"
     results: dict[int, BatchResult] = {}
@@ -94,6 +104,7 @@ async def process_fragments(consumed: ByPartition) -> None:
             may_open=max(settings.max_sessions - live, 0) if reject else None,
             applied_through=data.watermark(partition),
         )
+        now_us += len(fragments)
         results[partition] = result
         live += result.live_delta
     if live > settings.max_sessions and not reject:
@@ -150,9 +161,9 @@ def _evict(results: dict[int, BatchResult], how_many: int) -> None:
         if raw is not None:
             victims.append((partition, session_id, SessionState.decode(raw)))
     if len(victims) < how_many:
-        # All touched at one clock reading: take them in the order they were last touched.
+        # Touched by this batch: take them in the order they were last touched.
         recent = [
-            (result.last_arrival[session_id], partition, session_id, state)
+            (state.last_seen_us, partition, session_id, state)
             for partition, result in results.items()
             for session_id, state in result.writes.items()
             if state is not None

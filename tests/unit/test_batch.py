@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sessions_app.batch import Fragment, OutRecord, apply_fragments
+from sessions_app.batch import ActivityClock, Fragment, OutRecord, apply_fragments
 from sessions_app.session_state import SessionState
 
 NL = b"\n"
@@ -337,3 +337,55 @@ def test_redelivered_offsets_are_applied_once_and_emit_nothing_new(
         position = end - back % (end + 1)
     batches.append(fragments[position:])
     assert run(batches, delimiter, cap) == run([fragments], delimiter, cap)
+
+
+# --- last activity: the stamp idle expiry and eviction order by --------------------------
+
+
+def test_each_fragment_of_a_batch_is_stamped_with_its_position() -> None:
+    result = apply_fragments(
+        [frag(0, b"a", b"x"), frag(1, b"b", b"y"), frag(2, b"a", b"z")],
+        Buffers().get,
+        NL,
+        now_us=5_000_000,
+    )
+    stamps = {key: state.last_seen_us for key, state in result.writes.items() if state}
+    assert stamps == {b"a": 5_000_002, b"b": 5_000_001}
+
+
+def test_stamps_follow_the_wall_clock_after_a_billion_fragments() -> None:
+    # A day of traffic at 12,000 fragments/s in batches of 20,000: 10^9 fragments stamped.
+    clock = ActivityClock()
+    batch, rate = 20_000, 12_000
+    now_us = 1_700_000_000_000_000
+    stamped = 0
+    while stamped < 10**9:
+        now_us += batch * 1_000_000 // rate
+        first = clock.stamp(now_us, batch)
+        stamped += batch
+    # A session idle from its last fragment expires SESSIONS_IDLE_TIMEOUT after the wall
+    # clock of its batch, not a second per million fragments the worker ever saw later.
+    assert now_us <= first < now_us + 1_000
+    assert clock.next_us - now_us == batch
+
+
+def test_stamps_never_go_backwards_and_lead_the_clock_by_one_batch_at_most() -> None:
+    clock = ActivityClock()
+    # Batches faster than one fragment per microsecond: each starts after the last stamp.
+    assert clock.stamp(1_000, 500) == 1_000
+    assert clock.stamp(1_100, 500) == 1_500
+    assert clock.stamp(1_200, 10) == 2_000
+    # The wall clock passes the last stamp again: stamps are the wall clock again.
+    assert clock.stamp(9_000, 10) == 9_000
+
+
+def test_after_a_restart_new_sessions_sort_after_the_ones_stored_before_it() -> None:
+    # Eviction takes the oldest stamp first: a session last seen before a restart must be
+    # older than every session opened after it, whatever the old worker had processed.
+    before = ActivityClock()
+    now_us = 1_700_000_000_000_000
+    for _ in range(50_000):  # 10^9 fragments at 50,000/s
+        now_us += 400_000
+        old = before.stamp(now_us, 20_000) + 19_999
+    after = ActivityClock()  # a new worker process
+    assert after.stamp(now_us + 1_000_000, 1) > old

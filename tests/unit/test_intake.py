@@ -6,8 +6,6 @@ iterator; only the record builder is the intake's.
 
 from __future__ import annotations
 
-import itertools
-
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, FetchResult, PartitionRecords
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
@@ -36,32 +34,32 @@ def parsed(result: FetchResult) -> list[object]:
     return list(result._partition_records)
 
 
-def test_intake_records_come_out_as_fragments_byte_for_byte_and_numbered_in_parse_order() -> None:
+def test_intake_records_come_out_as_fragments_byte_for_byte() -> None:
     p0, p3 = TopicPartition("fragments", 0), TopicPartition("fragments", 3)
     first: list[Record] = [(b"s1", b"GET / HT"), (b"s2", b"\x00\xff\r\n"), (b"s1", None)]
     second: list[Record] = [(b"s9", b""), (b"s9", b"tail\r")]
-    store = _FragmentRecords("fragments", itertools.count(100).__next__, {})
+    store = _FragmentRecords("fragments", {})
     store[p0] = fetched(p0, 40, first, 40)
     store[p3] = fetched(p3, 7, second, 7)
 
     assert parsed(store[p0]) == [
-        Fragment("fragments", 0, 40, b"s1", b"GET / HT", 100),
-        Fragment("fragments", 0, 41, b"s2", b"\x00\xff\r\n", 101),
-        Fragment("fragments", 0, 42, b"s1", None, 102),
+        Fragment("fragments", 0, 40, b"s1", b"GET / HT"),
+        Fragment("fragments", 0, 41, b"s2", b"\x00\xff\r\n"),
+        Fragment("fragments", 0, 42, b"s1", None),
     ]
     assert parsed(store[p3]) == [
-        Fragment("fragments", 3, 7, b"s9", b"", 103),
-        Fragment("fragments", 3, 8, b"s9", b"tail\r", 104),
+        Fragment("fragments", 3, 7, b"s9", b""),
+        Fragment("fragments", 3, 8, b"s9", b"tail\r"),
     ]
 
 
 def test_aiokafka_still_decides_which_records_of_a_batch_are_returned() -> None:
     tp = TopicPartition("fragments", 1)
-    store = _FragmentRecords("fragments", itertools.count().__next__, {})
+    store = _FragmentRecords("fragments", {})
     # A fetch from offset 12 into a batch starting at 10: the first two were returned before.
     store[tp] = fetched(tp, 10, [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")], 12)
 
-    assert parsed(store[tp]) == [Fragment("fragments", 1, 12, b"c", b"3", 0)]
+    assert parsed(store[tp]) == [Fragment("fragments", 1, 12, b"c", b"3")]
     assert store[tp]._partition_records.next_fetch_offset == 13
 
 
@@ -69,14 +67,14 @@ def test_records_fetched_before_the_map_was_installed_are_built_as_fragments_too
     tp = TopicPartition("fragments", 2)
     before = {tp: fetched(tp, 0, [(b"k", b"v")], 0)}
 
-    store = _FragmentRecords("fragments", itertools.count().__next__, before)
+    store = _FragmentRecords("fragments", before)
 
-    assert parsed(store[tp]) == [Fragment("fragments", 2, 0, b"k", b"v", 0)]
+    assert parsed(store[tp]) == [Fragment("fragments", 2, 0, b"k", b"v")]
 
 
 def test_other_topics_keep_aiokafkas_records() -> None:
     tp = TopicPartition("sessions-changelog", 0)
-    store = _FragmentRecords("fragments", itertools.count().__next__, {})
+    store = _FragmentRecords("fragments", {})
     store[tp] = fetched(tp, 5, [(b"k", b"v")], 5)
 
     (record,) = parsed(store[tp])
