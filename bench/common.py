@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sessions_app.embedded_broker import EmbeddedBroker, create_topics_sync, free_port
+from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

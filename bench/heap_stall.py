@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import time
 
-from sessions_app.heapstats import snapshot_in_child, take_snapshot
+from sessions_app.web.heapstats import snapshot_in_child, take_snapshot
 
 
 async def worst_stall_during(action: object) -> tuple[float, float, dict[str, object]]:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import ROOT, EmbeddedBroker, create_topics_sync, free_port, read_topic, send_all
-from sessions_app.loadgen import generate, interleave
+from sessions_app.tools.loadgen import generate, interleave
 
 PARTITIONS = 4
 DELIMITER = b"\r\n"

@@ -1,16 +1,41 @@
-"""The Faust application, built from Settings; `main()` is the `sessions-app` console script."""
+"""The Faust application, built from Settings; `main()` is the `sessions-app` console script.
+
+Importing this module reads the settings and builds objects, nothing more:
+no thread, no connection, no directory, no process-wide setting. What a
+worker needs changed in its process (glibc's mmap threshold, the data
+directory, logger levels) happens when the app first starts.
+
+The modules that register the agent and the commands import `app` and are
+found by Faust's autodiscover (DISCOVERED); the web views are a blueprint
+the web server loads by name (sessions_app.web.server). So nothing here
+imports them back, and the package has no import circle.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import faust
+from mode import Service
 
-from sessions_app.allocator import fix_mmap_threshold
+from sessions_app.core.totals import PipelineTotals
+from sessions_app.engine.allocator import fix_mmap_threshold
+from sessions_app.engine.intake import IntakeConsumer
 from sessions_app.settings import Settings, SettingsError
+from sessions_app.stream.delivery import Delivery
+from sessions_app.stream.expiry import IdleExpiry
+from sessions_app.stream.monitoring import CapacityMonitor, LoopStallMonitor
+from sessions_app.stream.pipeline import Pipeline
+from sessions_app.stream.tables import declare_session_buffers
+from sessions_app.stream.topics import declare_topics
+from sessions_app.web.heapstats import HeapSnapshots
+from sessions_app.web.history import HistorySampler
+from sessions_app.web.server import SessionsWeb
+
+#: Modules that register agents and commands on `app`, imported by Faust's autodiscover.
+DISCOVERED = ["sessions_app.stream.agents", "sessions_app.tools.commands"]
 
 
 def load_settings() -> Settings:
@@ -22,28 +47,73 @@ def load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
-settings = load_settings()
-
-# Before RocksDB allocates anything: its memtable blocks must go back to the system.
-fix_mmap_threshold()
-
-# Records per fetch handed to the agent; with the fetches queued behind the
-# one being applied, this bounds the fetched records a worker holds on its heap.
-FETCH_MAX_RECORDS = 10_000
-# Faust creates the data directory without its parents (Procfile: ./sessions-data/worker-$PORT).
-Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-
-# aiokafka builds a debug record for every message it sends (its loggers are left
-# at NOTSET): that cost a tenth of the worker's CPU.
-logging.getLogger("aiokafka").setLevel(logging.INFO)
-
-
 class SessionsApp(faust.App):
-    """A Faust app whose consumer hands the input topic over a fetch at a time."""
+    """The worker: Faust's app with the session buffers, their pipeline and its services."""
 
-    def _new_consumer(self) -> Any:
-        from sessions_app.intake import IntakeConsumer
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            settings.app_id,
+            broker=settings.broker_url,
+            store="rocksdb://",
+            datadir=settings.data_dir,
+            topic_partitions=settings.partitions,
+            # Never lose the start of a partition nobody has committed yet.
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=settings.broker_session_timeout,
+            broker_heartbeat_interval=settings.broker_heartbeat_interval,
+            broker_request_timeout=max(90.0, settings.broker_session_timeout),
+            producer_max_batch_size=settings.producer_max_batch_size,
+            # A fetch is handed to the agent whole (engine/intake.py): bound it, or fetched
+            # records (half a kilobyte of Python objects each) pile up by the hundred thousand.
+            broker_max_poll_records=settings.tuning.fetch_max_records,
+            # Unacked fragments are read again after a restart; shutdown need not wait for them.
+            stream_wait_empty=False,
+            web_bind=settings.web_host,
+            web_host=settings.web_host,
+            web_port=settings.web_port,
+            # Faust's /table/ views would publish session contents, /router/ the cluster layout.
+            web_tables_enabled=False,
+            web_router_enabled=False,
+            web_stats_enabled=False,
+            web_graph_enabled=False,
+            TableManager="sessions_app.engine.recovery:OrderedTableManager",
+            # Standby replicas keep a copy of other workers' partitions warm for a fast takeover.
+            table_standby_replicas=settings.standby_replicas,
+            autodiscover=DISCOVERED,
+            # What discovery scans besides DISCOVERED; by default the script's name.
+            origin=__name__,
+        )
+        self.settings = settings
+        tuning = settings.tuning
+        self.session_topics = declare_topics(self, settings)
+        self.session_buffers = declare_session_buffers(self, settings)
+        self.totals = PipelineTotals()
+        self.delivery = Delivery(self, self.session_topics.dead_letters)
+        self.capacity = CapacityMonitor(settings, self.delivery, self.session_topics.alerts)
+        self.pipeline = Pipeline(
+            self,
+            settings,
+            self.session_buffers,
+            self.session_topics,
+            self.delivery,
+            self.totals,
+            self.capacity,
+        )
+        self.heap_snapshots = HeapSnapshots(settings.heap_min_interval)
+        # Services started with the worker once its tables are recovered, stopped with it.
+        self.idle_expiry = IdleExpiry(self, self.pipeline, settings)
+        self.loop_stalls = LoopStallMonitor(tuning.stall_probe_period, tuning.stall_window)
+        self.history = HistorySampler(
+            tuning.history_period,
+            tuning.history_samples,
+            settings.max_sessions,
+            lambda: sum(self.pipeline.live_sessions().values()),
+            self.heap_snapshots.last_size,
+        )
+        self._sessions_services: list[Service] = [self.idle_expiry, self.loop_stalls, self.history]
+        self._sessions_services_started = False
 
+    def _new_consumer(self) -> IntakeConsumer:
         consumer = IntakeConsumer(
             self.transport,
             callback=self.topics.on_message,
@@ -52,48 +122,36 @@ class SessionsApp(faust.App):
             beacon=self.beacon,
             loop=self.transport.loop,
         )
-        consumer.intake_topic = settings.input_topic
-        # Enough fetches queued to fill the next batch, and no more.
-        consumer.intake_depth = max(1, settings.batch_fragments // FETCH_MAX_RECORDS - 1)
+        consumer.intake_topic = self.settings.input_topic
+        consumer.intake_depth = self.settings.intake_depth
         return consumer
 
+    def _new_web(self) -> SessionsWeb:
+        return SessionsWeb(self)
 
-app = SessionsApp(
-    settings.app_id,
-    broker=settings.broker_url,
-    store="rocksdb://",
-    datadir=settings.data_dir,
-    topic_partitions=settings.partitions,
-    # Never lose the start of a partition nobody has committed yet.
-    consumer_auto_offset_reset="earliest",
-    broker_session_timeout=settings.broker_session_timeout,
-    broker_heartbeat_interval=settings.broker_heartbeat_interval,
-    broker_request_timeout=max(90.0, settings.broker_session_timeout),
-    producer_max_batch_size=settings.producer_max_batch_size,
-    # A fetch is handed to the agent whole (sessions_app/intake.py): bound it, or fetched
-    # records (half a kilobyte of Python objects each) pile up by the hundred thousand.
-    broker_max_poll_records=FETCH_MAX_RECORDS,
-    # Unacked fragments are read again after a restart; shutdown need not wait for them.
-    stream_wait_empty=False,
-    web_bind=settings.web_host,
-    web_host=settings.web_host,
-    web_port=settings.web_port,
-    # Faust's /table/ views would publish session contents, /router/ the cluster layout.
-    web_tables_enabled=False,
-    web_router_enabled=False,
-    web_stats_enabled=False,
-    web_graph_enabled=False,
-    TableManager="sessions_app.recovery:OrderedTableManager",
-    # Standby replicas keep a copy of other workers' partitions warm for a fast takeover.
-    table_standby_replicas=settings.standby_replicas,
-    autodiscover=False,
-)
+    async def on_first_start(self) -> None:
+        """Prepare the process for a worker, before any table opens RocksDB."""
+        # RocksDB's memtable blocks must go back to the system once freed.
+        fix_mmap_threshold()
+        # Faust creates the data directory without its parents (Procfile: .../worker-$PORT).
+        Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
+        # aiokafka builds a debug record for every message it sends (its loggers are left
+        # at NOTSET): that cost a tenth of the worker's CPU.
+        logging.getLogger("aiokafka").setLevel(logging.INFO)
+        await super().on_first_start()
+
+    async def on_started_init_extra_services(self) -> None:
+        """Start the sessions services once the tables are recovered, as Faust's timers start."""
+        await super().on_started_init_extra_services()
+        if not self._sessions_services_started:
+            self._sessions_services_started = True
+            for service in self._sessions_services:
+                await self.add_runtime_dependency(service)
+
+
+app = SessionsApp(load_settings())
 
 
 def main() -> None:
     """Run the Faust command line: `sessions-app worker`, `broker`, `produce`, `verify`."""
     app.main()
-
-
-# The wiring modules register agents, tables, views and commands on `app`.
-from sessions_app import agents, commands, expiry, monitoring, views  # noqa: E402, F401

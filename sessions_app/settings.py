@@ -29,6 +29,28 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Tuning:
+    """Values a worker is tuned with that no deployment has needed to change: named once here."""
+
+    #: Records per fetch handed to the agent; with the fetches queued behind the one being
+    #: applied, this bounds the fetched records a worker holds on its heap.
+    fetch_max_records: int = 10_000
+    #: Idle sessions expired per step of a sweep, under the buffers lock, so the agent
+    #: keeps flowing between steps.
+    sweep_batch: int = 1_000
+    #: Longest time between sweeps; a quarter of SESSIONS_IDLE_TIMEOUT if that is shorter.
+    sweep_interval: float = 1.0
+    #: How long a crashed idle flush's remnant is looked for on the expired topic.
+    flush_scan_timeout: float = 60.0
+    #: The event-loop stall monitor's sleep, and the window of its recent maximum.
+    stall_probe_period: float = 0.02
+    stall_window: float = 10.0
+    #: The dashboard's history: a sample every period, an hour of them.
+    history_period: float = 10.0
+    history_samples: int = 360
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a worker is configured with; see README for each variable."""
 
@@ -59,6 +81,17 @@ class Settings:
     web_token: str | None = None
     standby_replicas: int = 1
     batch_fragments: int = 20_000
+    tuning: Tuning = Tuning()
+
+    @property
+    def sweep_interval(self) -> float:
+        """Return the seconds between idle sweeps."""
+        return min(self.tuning.sweep_interval, self.idle_timeout / 4)
+
+    @property
+    def intake_depth(self) -> int:
+        """Return how many fetches may wait behind the batch being applied: enough for one."""
+        return max(1, self.batch_fragments // self.tuning.fetch_max_records - 1)
 
     @property
     def bootstrap_servers(self) -> list[str]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from sessions_app.embedded_broker import EmbeddedBroker, create_topics_sync, free_port
-from sessions_app.loadgen import Session, Verification
+from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync, free_port
+from sessions_app.tools.loadgen import Session, Verification
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sessions_app.loadgen import generate, interleave
+from sessions_app.tools.loadgen import generate, interleave
 
 from .conftest import Deployment
 

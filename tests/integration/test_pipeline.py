@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiokafka.partitioner import DefaultPartitioner
 
-from sessions_app.embedded_broker import create_topics_sync
-from sessions_app.keys import buffer_key
-from sessions_app.loadgen import Verification, generate, interleave
-from sessions_app.session_state import SessionState
+from sessions_app.core.keys import buffer_key
+from sessions_app.core.session_state import SessionState
+from sessions_app.tools.embedded_broker import create_topics_sync
+from sessions_app.tools.loadgen import Verification, generate, interleave
 
 from .conftest import Deployment
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sessions_app.embedded_broker import free_port
-from sessions_app.loadgen import generate, interleave
+from sessions_app.tools.embedded_broker import free_port
+from sessions_app.tools.loadgen import generate, interleave
 
 from .conftest import Deployment, Worker
 

@@ -9,7 +9,7 @@ import sys
 # unless it is fixed), allocate 1 MiB blocks, and print whether they were mapped.
 PROBE = """
 import ctypes, sys
-from sessions_app.allocator import fix_mmap_threshold
+from sessions_app.engine.allocator import fix_mmap_threshold
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in (

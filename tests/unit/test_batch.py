@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sessions_app.batch import ActivityClock, Fragment, OutRecord, apply_fragments
-from sessions_app.session_state import SessionState
+from sessions_app.core.batch import ActivityClock, Fragment, OutRecord, apply_fragments
+from sessions_app.core.session_state import SessionState
 
 NL = b"\n"
 

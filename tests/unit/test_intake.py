@@ -11,8 +11,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
 
-from sessions_app.batch import Fragment
-from sessions_app.intake import _FragmentRecords
+from sessions_app.core.batch import Fragment
+from sessions_app.engine.intake import _FragmentRecords
 
 Record = tuple[bytes | None, bytes | None]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sessions_app import keys
+from sessions_app.core import keys
 
 times = st.integers(min_value=0, max_value=2**62)
 sessions = st.binary(max_size=30)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from sessions_app.loadgen import Verification, cut_fragments, generate, interleave
-from sessions_app.reassembly import cut_records, frame
+from sessions_app.core.reassembly import cut_records, frame
+from sessions_app.tools.loadgen import Verification, cut_fragments, generate, interleave
 
 
 def test_fragments_rebuild_every_record() -> None:

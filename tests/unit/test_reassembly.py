@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sessions_app.reassembly import cut_records, frame, is_unambiguous
+from sessions_app.core.reassembly import cut_records, frame, is_unambiguous
 
 delimiters = st.binary(min_size=1, max_size=4)
 

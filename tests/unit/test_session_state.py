@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sessions_app.session_state import HEADER_SIZE, CorruptSessionState, SessionState
+from sessions_app.core.session_state import HEADER_SIZE, CorruptSessionState, SessionState
 
 
 @given(

@@ -95,6 +95,10 @@ class HeapSnapshots:
     taken_at: float = 0.0
     _lock: asyncio.Lock | None = field(default=None, repr=False)
 
+    def last_size(self) -> int | None:
+        """Return the heap size of the last snapshot, None before the first."""
+        return None if self.last is None else int(self.last["total_size"])
+
     async def get(self) -> dict[str, Any]:
         """Return a snapshot no older than min_interval, taking one if needed."""
         if self._lock is None:

@@ -1,4 +1,7 @@
-"""Command-line tools beside `worker`: the embedded broker, the load generator, the verifier."""
+"""Command-line tools beside `worker`: the embedded broker, the load generator, the verifier.
+
+Found by Faust's autodiscover (sessions_app.app.DISCOVERED).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ from pathlib import Path
 import click
 from faust.cli import AppCommand, option
 
-from sessions_app import loadgen
-from sessions_app.app import app, settings
-from sessions_app.embedded_broker import broker_command, create_topics
+from sessions_app.app import app
+from sessions_app.tools import loadgen
+from sessions_app.tools.embedded_broker import broker_command, create_topics
+
+settings = app.settings
 
 
 @app.command(

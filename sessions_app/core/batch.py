@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from sessions_app.reassembly import cut_records, unfinished_delimiter
-from sessions_app.session_state import SessionState
+from sessions_app.core.reassembly import cut_records, unfinished_delimiter
+from sessions_app.core.session_state import SessionState
 
 Headers = tuple[tuple[str, bytes], ...]
 
@@ -76,7 +76,6 @@ class BatchResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     writes: dict[bytes, SessionState | None] = field(default_factory=dict)
     before: dict[bytes, SessionState | None] = field(default_factory=dict)
-    fragments_applied: int = 0
     fragments_replayed: int = 0
     sessions_opened: int = 0
     sessions_closed: int = 0
@@ -239,7 +238,6 @@ def apply_fragments(
             )
             continue
         states[key] = writes[key] = new_state
-        result.fragments_applied += 1
     result.applied_through = applied
     return result
 

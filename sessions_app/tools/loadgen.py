@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sessions_app.reassembly import frame, is_unambiguous
+from sessions_app.core.reassembly import frame, is_unambiguous
 
 
 def random_record(rng: random.Random, delimiter: bytes, min_len: int, max_len: int) -> bytes:

@@ -8,7 +8,8 @@ Layout of a value in the `session_buffers` table (big-endian)::
     last_seen_us    8 bytes   signed: worker wall clock (µs) when the last fragment arrived
     pending         the rest  bytes received after the last delimiter
 
-The table key is the session ID itself (the input record's key).
+It is stored under `keys.buffer_key(session_id)`: the session ID (the input
+record's key) behind a one-byte prefix (see sessions_app/core/keys.py).
 """
 
 from __future__ import annotations

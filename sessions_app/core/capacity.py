@@ -1,11 +1,13 @@
-"""The session cap's alarm: raised at a ratio of the cap, cleared below it with hysteresis.
+"""The session cap: its alarm, raised at a ratio of the cap and cleared below it with
+hysteresis, and the choice of the sessions an eviction takes.
 
-Pure: it is fed counts and clock readings and says when its state changes.
+Pure: it is fed counts, clock readings and candidates, and says what follows.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 CLEAR_MARGIN = 0.1
@@ -65,3 +67,20 @@ class CapacityAlarm:
         transition = AlarmTransition(state, count, self.cap, self.ratio, now)
         self.history.append(transition)
         return transition
+
+
+#: A session an eviction may take: (last seen in µs, partition, session ID).
+Candidate = tuple[int, int, bytes]
+
+
+def choose_evictions(
+    stored: Iterable[Candidate], touched: Iterable[Candidate], how_many: int
+) -> list[Candidate]:
+    """Return the `how_many` sessions to evict, longest idle first.
+
+    `stored` are sessions the batch did not touch, from the idle index: they are
+    the longest idle. When the batch opens more sessions than they make room
+    for, the sessions it touched earliest (`touched`, with their new stamps) go next.
+    """
+    victims = sorted(stored)[:how_many]
+    return victims + sorted(touched)[: how_many - len(victims)]

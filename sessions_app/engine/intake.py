@@ -25,6 +25,12 @@ does per batch (CRC checks, control batches, aborted transactions, offsets
 for the next fetch) is unchanged.
 
 Other topics, if any agent ever consumes one, keep Faust's per-record path.
+
+Private names used, checked against faust-streaming 0.15.3 and aiokafka 0.14.0:
+Faust's `_drain_messages`, `_wait_next_records`, `_read_offset`, `_add_gap`,
+`_buffered_partitions`, `_committed_offset`, `_acked`, `_acked_index`,
+`_n_acked`, `_commit_every`, `_fetch_records`, `_new_consumer_thread`; aiokafka's
+`Fetcher._records` and `PartitionRecords._consumer_record`.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer
 from faust.types.tuples import TP, ack_lock
 from mode.utils.futures import notify
 
-from sessions_app.batch import ByPartition, Fragment
+from sessions_app.core.batch import ByPartition, Fragment
 
 
 class _FragmentRecords(OrderedDict):  # type: ignore[type-arg]

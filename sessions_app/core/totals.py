@@ -22,6 +22,3 @@ class PipelineTotals:
     def as_dict(self) -> dict[str, int]:
         """Return the totals as a plain dict for JSON."""
         return asdict(self)
-
-
-totals = PipelineTotals()

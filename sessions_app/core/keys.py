@@ -17,9 +17,9 @@ oldest sessions are the first keys after b"i". `c` is the number of `s` keys.
 `w` is the partition's watermark: every input fragment at or below it has
 been applied, so a replayed one is skipped even when its session has since
 been closed, expired or evicted and has no buffer to compare with.
-Only `s`, `x` and `w` keys go to the changelog; `i` and `c` are derived from
-them, in the same write batch, both when the agent writes and when Faust
-applies changelog records during recovery.
+Only `s`, `x` and `w` keys go to the changelog (CHANGELOGGED); `i` and `c`
+are derived from them (LOCAL_ONLY), in the same write batch, both when the
+pipeline writes and when changelog records are applied during recovery.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ IDLE = b"i"
 COUNT_KEY = b"c"
 WATERMARK_KEY = b"w"
 IDLE_END = b"j"  # first key after every idle-index key
+
+#: First bytes of the keys that go to the changelog, and of those derived from them locally.
+CHANGELOGGED = frozenset({BUFFER, MARKER, WATERMARK_KEY})
+LOCAL_ONLY = frozenset({IDLE, COUNT_KEY})
 
 _MS = struct.Struct(">q")
 _COUNT = struct.Struct(">q")

@@ -10,8 +10,9 @@ resume after records nobody processed. Both lose fragments. This recovery
 seeks every source partition, to its committed offset or to the beginning
 when there is none, before it resumes any of them.
 
-The two methods below are Faust's own with only that order changed; the
-version pin in pyproject.toml keeps them in step with the code they replace.
+The two methods below are Faust's own with only that order changed, checked
+against faust-streaming 0.15.3; the version pin in pyproject.toml keeps them in
+step with the code they replace.
 """
 
 from __future__ import annotations

@@ -1,0 +1,322 @@
+"""RocksDB for the session buffers: the one door to it, under one memory budget per worker.
+
+Faust gives every table partition its own RocksDB instance with its own block
+cache and memtables, so memory grows with the partition count. Here every
+instance of the worker shares one block cache and one write-buffer manager
+that charges memtables to that cache: `SESSIONS_ROCKSDB_MEMORY` bounds both,
+whatever the number of partitions. Index and filter blocks live in the same
+cache, so table readers are bounded too.
+
+`PartitionStore` is everything the rest of the package may ask of one
+partition's instance (a session's state, the oldest sessions of the idle
+index, the flush markers, the watermark, the live count) and the only code
+that builds its keys or writes to it: the idle index and the live count
+(sessions_app/core/keys.py) change in the same write batch as the buffers,
+both for the pipeline's writes and for changelog records applied during
+recovery. `SessionStore` is Faust's store with those partitions; nothing
+outside this module reaches into Faust's `_dbs`.
+
+Faust internals used here (`_dbs`, `_db_for_partition`, `offset_key`,
+`apply_changelog_batch`) are checked against faust-streaming 0.15.3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import rocksdict
+from faust.stores.rocksdb import RocksDBOptions
+from faust.stores.rocksdb import Store as FaustRocksDBStore
+from faust.types import EventT
+
+from sessions_app.core import keys
+from sessions_app.core.session_state import CorruptSessionState, SessionState
+
+#: A quarter of the budget for memtables, charged to the block cache.
+WRITE_BUFFER_SHARE = 4
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The block cache and write-buffer manager every RocksDB instance of the worker shares."""
+
+    total: int
+    cache: Any
+    write_buffers: Any
+
+    @classmethod
+    def create(cls, total: int) -> MemoryBudget:
+        """Return a budget of `total` bytes: a cache, a quarter of it for memtables."""
+        cache = rocksdict.Cache(total)
+        write_buffers = rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
+            total // WRITE_BUFFER_SHARE, False, cache
+        )
+        return cls(total, cache, write_buffers)
+
+    def usage(self) -> dict[str, int]:
+        """Return bytes in use: block cache (which includes memtables) and memtables alone."""
+        return {
+            "budget_bytes": self.total,
+            "block_cache_usage_bytes": int(self.cache.get_usage()),
+            "block_cache_pinned_bytes": int(self.cache.get_pinned_usage()),
+            "memtable_bytes": int(self.write_buffers.get_usage()),
+        }
+
+
+class BudgetedOptions(RocksDBOptions):
+    """Faust's RocksDB options with the shared cache and write-buffer manager."""
+
+    def __init__(self, budget: MemoryBudget, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.budget = budget
+
+    def as_options(self) -> Any:
+        opts = rocksdict.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.set_max_open_files(self.max_open_files or -1)
+        # Per instance memtables stay small; the manager caps their sum.
+        opts.set_write_buffer_size(min(16 * 1024 * 1024, self.budget.total // 8))
+        opts.set_max_write_buffer_number(2)
+        opts.set_target_file_size_base(self.target_file_size_base)
+        opts.set_write_buffer_manager(self.budget.write_buffers)
+        table = rocksdict.BlockBasedOptions()
+        table.set_block_cache(self.budget.cache)
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        table.set_bloom_filter(self.bloom_filter_size, True)
+        table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
+        opts.set_block_based_table_factory(table)
+        return opts
+
+
+def last_seen_of(raw: bytes | None) -> int | None:
+    """Return a stored buffer's last activity, or None if there is no readable buffer."""
+    if raw is None:
+        return None
+    try:
+        return SessionState.decode(raw).last_seen_us
+    except CorruptSessionState:
+        return None
+
+
+@dataclass(frozen=True)
+class PreparedWrite:
+    """A partition's RocksDB write batch, all but the count and the changelog offset."""
+
+    batch: Any
+    delta: int
+
+
+def prepare_write(
+    writes: Mapping[bytes, SessionState | None],
+    before: Mapping[bytes, SessionState | None],
+    encoded: Mapping[bytes, bytes | None],
+    markers: Mapping[bytes, bytes | None] | None = None,
+    watermark: int | None = None,
+) -> PreparedWrite:
+    """Build the write batch for buffers (None deletes), their index entries and markers.
+
+    `before` holds each session's stored state as the change found it, `encoded`
+    each state of `writes` in its stored form, as sent to the changelog.
+    """
+    batch = rocksdict.WriteBatch(raw_mode=True)
+    delta = 0
+    for session_id, state in writes.items():
+        old = before.get(session_id)
+        if old is not None:
+            batch.delete(keys.idle_key(old.last_seen_us, session_id))
+            delta -= 1
+        if state is None:
+            batch.delete(keys.buffer_key(session_id))
+        else:
+            batch.put(keys.buffer_key(session_id), encoded[session_id])
+            batch.put(keys.idle_key(state.last_seen_us, session_id), b"")
+            delta += 1
+    for session_id, marker in (markers or {}).items():
+        if marker is None:
+            batch.delete(keys.marker_key(session_id))
+        else:
+            batch.put(keys.marker_key(session_id), marker)
+    if watermark is not None:
+        batch.put(keys.WATERMARK_KEY, keys.encode_offset(watermark))
+    return PreparedWrite(batch, delta)
+
+
+class ChangelogRecord(Protocol):
+    """What recovery needs of a changelog record (Faust's messages have it)."""
+
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def offset(self) -> int: ...
+
+
+class PartitionStore:
+    """One table partition's RocksDB instance, read and written through named operations."""
+
+    def __init__(self, db: Any, offset_key: bytes) -> None:
+        self.db = db
+        self._offset_key = offset_key
+        self._count: int | None = None
+
+    def loader(self) -> Callable[[bytes], bytes | None]:
+        """Return a function giving a session's stored state, undecoded (None if none)."""
+        get, prefix = self.db.get, keys.BUFFER
+
+        def load(session_id: bytes) -> bytes | None:
+            return get(prefix + session_id)  # type: ignore[no-any-return]
+
+        return load
+
+    def session(self, session_id: bytes) -> SessionState | None:
+        """Return a session's stored state, or None if it has none."""
+        raw = self.db.get(keys.buffer_key(session_id))
+        return None if raw is None else SessionState.decode(raw)
+
+    def has_session(self, session_id: bytes) -> bool:
+        """Tell whether a session has a stored state."""
+        return self.db.get(keys.buffer_key(session_id)) is not None
+
+    def oldest(
+        self, limit: int, *, before_us: int | None = None, skip: Collection[bytes] = ()
+    ) -> list[tuple[int, bytes]]:
+        """Return up to `limit` (last seen, session ID) pairs, longest idle first.
+
+        Only sessions last seen before `before_us` if it is given, and none of `skip`.
+        """
+        end = keys.IDLE_END if before_us is None else keys.idle_bound(before_us)
+        found: list[tuple[int, bytes]] = []
+        if limit <= 0:
+            return found
+        for key in self.db.keys(from_key=keys.IDLE):
+            if key >= end:
+                break
+            last_seen, session_id = keys.parse_idle_key(key)
+            if session_id in skip:
+                continue
+            found.append((last_seen, session_id))
+            if len(found) >= limit:
+                break
+        return found
+
+    def markers(self) -> dict[bytes, keys.FlushMarker]:
+        """Return the idle flushes in progress: session ID -> marker."""
+        found: dict[bytes, keys.FlushMarker] = {}
+        for key, value in self.db.items(from_key=keys.MARKER):
+            if key[:1] != keys.MARKER:
+                break
+            found[key[1:]] = keys.FlushMarker.decode(value)
+        return found
+
+    def watermark(self) -> int:
+        """Return the highest input offset applied in the partition, -1 for none."""
+        return keys.decode_offset(self.db.get(keys.WATERMARK_KEY))
+
+    def live_count(self) -> int:
+        """Return the number of sessions stored (kept in step with every write)."""
+        if self._count is None:
+            self._count = keys.decode_count(self.db.get(keys.COUNT_KEY))
+        return self._count
+
+    def commit(self, prepared: PreparedWrite, changelog_offset: int) -> None:
+        """Write a prepared batch with the new live count and the changelog offset it is at."""
+        count = self.live_count() + prepared.delta
+        batch = prepared.batch
+        batch.put(keys.COUNT_KEY, keys.encode_count(count))
+        # Faust reads this key at recovery and replays the changelog after it.
+        batch.put(self._offset_key, str(changelog_offset).encode())
+        self.db.write(batch)
+        self._count = count
+
+    def apply_changelog(self, records: Iterable[ChangelogRecord]) -> None:
+        """Apply changelog records in one write batch, with their index entries and count."""
+        write = rocksdict.WriteBatch(raw_mode=True)
+        seen: dict[bytes, bytes | None] = {}
+        delta, offset = 0, -1
+        get = self.db.get
+        for record in records:
+            key, value = record.key or b"", record.value
+            offset = max(offset, record.offset)
+            if key[:1] == keys.BUFFER:
+                old = seen[key] if key in seen else get(key)
+                session_id = key[1:]
+                old_seen, new_seen = last_seen_of(old), last_seen_of(value)
+                if old_seen is not None:
+                    write.delete(keys.idle_key(old_seen, session_id))
+                if new_seen is not None:
+                    write.put(keys.idle_key(new_seen, session_id), b"")
+                delta += (value is not None) - (old is not None)
+            if value is None:
+                write.delete(key)
+            else:
+                write.put(key, value)
+            seen[key] = value
+        if offset >= 0:
+            self.commit(PreparedWrite(write, delta), offset)
+
+    def table_readers_bytes(self) -> int:
+        """Return the memory RocksDB's table readers hold (index and filter blocks)."""
+        return int(self.db.property_int_value("rocksdb.estimate-table-readers-mem") or 0)
+
+
+class SessionStore(FaustRocksDBStore):
+    """Faust's RocksDB store, budgeted, its partitions reached as PartitionStores."""
+
+    def __init__(self, *args: Any, memory_budget: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.budget = MemoryBudget.create(memory_budget)
+        self.rocksdb_options = BudgetedOptions(
+            self.budget, **(self.options or {}), use_rocksdict=self.use_rocksdict
+        )
+        self._partitions: dict[int, PartitionStore] = {}
+
+    def partition(self, partition: int) -> PartitionStore | None:
+        """Return a partition's store if Faust has its RocksDB instance open, else None.
+
+        Never opens one: a partition revoked while a batch was in flight stays
+        closed (its changelog is already written), and reopening it while the
+        old handle lives would fail on RocksDB's lock.
+        """
+        db = self._dbs.get(partition)
+        if db is None:
+            self._partitions.pop(partition, None)
+            return None
+        wrapper = self._partitions.get(partition)
+        if wrapper is None or wrapper.db is not db:
+            wrapper = self._partitions[partition] = PartitionStore(db, self.offset_key)
+        return wrapper
+
+    def open_partitions(self) -> set[int]:
+        """Return the partitions whose instances are open, standbys included."""
+        return set(self._dbs)
+
+    def memory_usage(self) -> dict[str, int]:
+        """Return the shared budget's usage and the table readers of every open instance."""
+        usage = self.budget.usage()
+        usage["table_readers_bytes"] = sum(
+            store.table_readers_bytes()
+            for store in (self.partition(p) for p in sorted(self.open_partitions()))
+            if store is not None
+        )
+        return usage
+
+    def apply_changelog_batch(
+        self,
+        batch: Iterable[EventT[Any]],
+        to_key: Callable[[Any], Any],
+        to_value: Callable[[Any], Any],
+    ) -> None:
+        """Apply changelog records as Faust does, keeping the idle index and count in step."""
+        per_partition: dict[int, list[Any]] = {}
+        for event in batch:
+            message = event.message
+            per_partition.setdefault(message.partition, []).append(message)
+        for partition, messages in per_partition.items():
+            self._db_for_partition(partition)  # recovery and standbys open what they fill
+            store = self.partition(partition)
+            assert store is not None
+            store.apply_changelog(messages)

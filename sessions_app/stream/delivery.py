@@ -1,0 +1,102 @@
+"""Producer plumbing: records handed to aiokafka's producer in batches, and their acknowledgements.
+
+Faust's and aiokafka's `send()` cost a coroutine, a future and a batch lookup
+per record. The pipeline's records go into the producer's batches directly,
+a batch per SESSIONS_PRODUCER_MAX_BATCH_SIZE bytes, in order per partition,
+and one future per batch says when the broker has them.
+
+aiokafka's `create_batch` and `send_batch` are public; `_ensure_producer`
+(Faust's aiokafka producer) is checked against faust-streaming 0.15.3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sessions_app.core.batch import DeadLetter, OutRecord
+
+#: (key, value, headers) of one record to produce.
+Outgoing = tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]
+#: Records for one (topic name, partition), in order.
+Sends = dict[tuple[str, int], list[Outgoing]]
+
+
+@dataclass
+class InFlight:
+    """Records handed to the producer, in order per partition, not yet known to be in."""
+
+    batches: list[tuple[tuple[str, int], int, Any]] = field(default_factory=list)
+    singles: list[Any] = field(default_factory=list)
+
+    async def delivered(self) -> dict[tuple[str, int], int]:
+        """Wait until the broker has every record; return each (topic, partition)'s last offset."""
+        acked = await asyncio.gather(*(future for _, _, future in self.batches))
+        await asyncio.gather(*self.singles)
+        last: dict[tuple[str, int], int] = {}
+        for (where, count, _), metadata in zip(self.batches, acked, strict=True):
+            last[where] = max(last.get(where, -1), metadata.offset + count - 1)
+        return last
+
+
+class Delivery:
+    """Hands records to the app's producer and says when the broker has them."""
+
+    def __init__(self, app: Any, dead_letter_topic: Any) -> None:
+        self._app = app
+        self._dead_letter_topic = dead_letter_topic
+
+    async def hand_over(self, sends: Sends) -> InFlight:
+        """Hand (key, value, headers) lists for their (topic, partition) to the producer."""
+        producer = self._app.producer._ensure_producer()
+        in_flight = InFlight()
+        for (topic, partition), records in sends.items():
+            batch, count = producer.create_batch(), 0
+            for key, value, header_items in records:
+                headers = list(header_items)  # the record builder takes a list only
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    future = await producer.send_batch(batch, topic, partition=partition)
+                    in_flight.batches.append(((topic, partition), count, future))
+                    batch, count = producer.create_batch(), 0
+                    # An empty batch takes any one record, whatever the size limit.
+                    batch.append(key=key, value=value, timestamp=None, headers=headers)
+                count += 1
+            if count:
+                batch.close()
+                future = await producer.send_batch(batch, topic, partition=partition)
+                in_flight.batches.append(((topic, partition), count, future))
+        return in_flight
+
+    async def send(
+        self,
+        outputs: Iterable[tuple[Any, int, Sequence[OutRecord]]],
+        dead_letters: Sequence[DeadLetter] = (),
+    ) -> InFlight:
+        """Hand records for their topics and partitions, and dead letters, to the producer."""
+        sends: Sends = {}
+        for topic, partition, records in outputs:
+            if records:
+                # An OutRecord is a (key, value, headers) tuple already.
+                sends.setdefault((topic.get_topic_name(), partition), []).extend(records)
+        producer = self._app.producer
+        dlq = self._dead_letter_topic.get_topic_name()
+        # Dead letters go where the key's partitioner puts them: one send each, they are rare.
+        letters = [
+            await producer.send(
+                dlq, letter.fragment.key, letter.fragment.value, None, None, list(letter.headers())
+            )
+            for letter in dead_letters
+        ]
+        in_flight = await self.hand_over(sends)
+        in_flight.singles = letters
+        return in_flight
+
+    async def deliver(self, outputs: Iterable[tuple[Any, int, Sequence[OutRecord]]]) -> None:
+        """Send records to their topics and partitions and wait until the broker has them."""
+        await (await self.send(outputs)).delivered()
+
+    async def publish(self, topic: Any, key: bytes, value: bytes) -> None:
+        """Send one record where its key's partitioner puts it, and wait until it is in."""
+        await self._app.producer.send_and_wait(topic.get_topic_name(), key, value, None, None, None)

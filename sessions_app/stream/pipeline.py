@@ -1,0 +1,318 @@
+"""Apply, send, persist: the one path every change to the session buffers takes.
+
+The agent's batches, idle expiry and eviction all build a ChangeSet and take
+it through `Pipeline.commit`, under one lock, in the order of README's
+delivery guarantee: outputs delivered, then the changelog delivered, then
+one RocksDB write batch per partition, and only then the input offsets'
+commit (the agent's ack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sessions_app.core import keys
+from sessions_app.core.batch import (
+    ActivityClock,
+    BatchResult,
+    ByPartition,
+    DeadLetter,
+    OutRecord,
+    apply_fragments,
+    remnant,
+)
+from sessions_app.core.capacity import Candidate, choose_evictions
+from sessions_app.core.session_state import SessionState
+from sessions_app.core.totals import PipelineTotals
+from sessions_app.engine.store import PreparedWrite, SessionStore, prepare_write
+from sessions_app.settings import Settings
+from sessions_app.stream.delivery import Delivery, Outgoing, Sends
+from sessions_app.stream.monitoring import CapacityMonitor
+from sessions_app.stream.topics import SessionTopics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PartitionChanges:
+    """What one unit of work changes in one partition of the session buffers.
+
+    `writes` maps a session to its new state (None deletes it), `before` holds
+    the stored state of each as the work found it, `markers` the idle-flush
+    markers to write (None deletes), `watermark` the partition's new one.
+    """
+
+    writes: dict[bytes, SessionState | None] = field(default_factory=dict)
+    before: dict[bytes, SessionState | None] = field(default_factory=dict)
+    markers: dict[bytes, bytes | None] = field(default_factory=dict)
+    watermark: int | None = None
+
+
+#: Records for (topic, partition): complete records or remnants.
+Outputs = list[tuple[Any, int, Sequence[OutRecord]]]
+
+
+class ChangeSet:
+    """One unit of work on the session buffers, taken through its steps in order.
+
+    open -> prepared (states encoded once: the same bytes go to the changelog and
+    to RocksDB) -> delivered (step 1) -> logged (step 2) -> committed (step 3).
+    Each step refuses to run out of order.
+    """
+
+    def __init__(
+        self,
+        partitions: dict[int, PartitionChanges] | None = None,
+        outputs: Outputs | None = None,
+        dead_letters: Sequence[DeadLetter] = (),
+    ) -> None:
+        self.partitions = partitions or {}
+        self.outputs = outputs or []
+        self.dead_letters = dead_letters
+        self.step = "open"
+        self._encoded: dict[int, dict[bytes, bytes | None]] = {}
+
+    def _advance(self, expected: str, to: str) -> None:
+        if self.step != expected:
+            raise RuntimeError(f"change set is {self.step}, cannot become {to}")
+        self.step = to
+
+    def prepare(self) -> None:
+        """Encode every new state: nothing leaves the process yet."""
+        self._advance("open", "prepared")
+        self._encoded = {
+            partition: {
+                sid: None if state is None else state.encode()
+                for sid, state in change.writes.items()
+            }
+            for partition, change in self.partitions.items()
+        }
+
+    def delivered(self) -> None:
+        """Mark step 1 done: the broker has every output, remnant and dead letter."""
+        self._advance("prepared", "delivered")
+
+    def changelog_records(self, changelog: str) -> Sends:
+        """Return the changelog records of step 2, per (topic, partition)."""
+        sends: Sends = {}
+        for partition, change in self.partitions.items():
+            # Markers before buffers: the changelog is written in order per partition, so a
+            # crash never leaves an expired session's tombstone without its flush marker.
+            records: list[Outgoing] = [
+                (keys.marker_key(session_id), marker, ())
+                for session_id, marker in change.markers.items()
+            ]
+            records += [
+                (keys.buffer_key(session_id), value, ())
+                for session_id, value in self._encoded[partition].items()
+            ]
+            if change.watermark is not None:
+                records.append((keys.WATERMARK_KEY, keys.encode_offset(change.watermark), ()))
+            if records:
+                sends[(changelog, partition)] = records
+        return sends
+
+    def write_batches(self) -> dict[int, PreparedWrite]:
+        """Return each partition's RocksDB write batch for step 3, all but its offset."""
+        return {
+            partition: prepare_write(
+                change.writes,
+                change.before,
+                self._encoded[partition],
+                change.markers,
+                change.watermark,
+            )
+            for partition, change in self.partitions.items()
+        }
+
+    def logged(self) -> None:
+        """Mark step 2 done: the changelog has every change."""
+        self._advance("delivered", "logged")
+
+    def committed(self) -> None:
+        """Mark step 3 done: RocksDB has every change; the input offsets may be committed."""
+        self._advance("logged", "committed")
+
+
+class Pipeline:
+    """Applies batches of fragments and commits every change to the session buffers."""
+
+    def __init__(
+        self,
+        app: Any,
+        settings: Settings,
+        table: Any,
+        topics: SessionTopics,
+        delivery: Delivery,
+        totals: PipelineTotals,
+        capacity: CapacityMonitor,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.table = table
+        self.topics = topics
+        self.delivery = delivery
+        self.totals = totals
+        self.capacity = capacity
+        #: Serialises every change to the session buffers: batches, sweeps, flush recovery.
+        self.lock = asyncio.Lock()
+        self.clock = ActivityClock()
+
+    @property
+    def store(self) -> SessionStore:
+        """Return the session buffers' RocksDB store."""
+        return self.table.data  # type: ignore[no-any-return]
+
+    def active_partitions(self) -> list[int]:
+        """Return the table partitions this worker is active for (not standby)."""
+        # Input and table are co-partitioned: the active table partitions are the input's.
+        source = self.settings.input_topic
+        open_partitions = self.store.open_partitions()
+        return sorted(
+            tp.partition
+            for tp in self.app.consumer.assignment()
+            if tp.topic == source and tp.partition in open_partitions
+        )
+
+    def live_sessions(self) -> dict[int, int]:
+        """Return live sessions per active partition, from the stored counters."""
+        store = self.store
+        live: dict[int, int] = {}
+        for partition in self.active_partitions():
+            opened = store.partition(partition)
+            if opened is not None:
+                live[partition] = opened.live_count()
+        return live
+
+    async def process(self, consumed: ByPartition) -> None:
+        """Apply one batch of consumed fragments, then send and persist what it produced."""
+        settings = self.settings
+        store = self.store
+        now_us = self.clock.stamp(
+            int(time.time() * 1_000_000), sum(len(fragments) for fragments in consumed.values())
+        )
+        live = sum(self.live_sessions().values())
+        reject = settings.cap_policy == "reject"
+        results: dict[int, BatchResult] = {}
+        applied: list[int] = []
+        for partition, fragments in consumed.items():
+            opened = store.partition(partition)
+            if opened is None:  # revoked: the new owner reads these fragments again
+                continue
+            result = apply_fragments(
+                fragments,
+                opened.loader(),
+                settings.delimiter,
+                now_us,
+                max_buffer_bytes=settings.max_buffer_bytes,
+                may_open=max(settings.max_sessions - live, 0) if reject else None,
+                applied_through=opened.watermark(),
+            )
+            now_us += len(fragments)
+            results[partition] = result
+            applied.append(partition)
+            live += result.live_delta
+        if live > settings.max_sessions and not reject:
+            self._evict(results, live - settings.max_sessions)
+
+        topics = self.topics
+        change = ChangeSet(
+            {
+                p: PartitionChanges(
+                    r.writes, r.before, watermark=r.applied_through if p in applied else None
+                )
+                for p, r in results.items()
+            },
+            [(topics.records, p, r.records) for p, r in results.items()]
+            + [(topics.expired, p, r.expired) for p, r in results.items()],
+            [letter for r in results.values() for letter in r.dead_letters],
+        )
+        await self.commit(change)
+        # Counted once delivered and persisted: a total seen in the stats is done.
+        totals = self.totals
+        totals.fragments_consumed += sum(len(consumed[p]) for p in applied)
+        for result in results.values():
+            totals.fragments_replayed += result.fragments_replayed
+            totals.records_emitted += len(result.records)
+            totals.sessions_opened += result.sessions_opened
+            totals.sessions_closed += result.sessions_closed
+            totals.sessions_overflowed += result.overflows
+            totals.dead_letters += len(result.dead_letters)
+        await self.check_capacity()
+
+    def _evict(self, results: dict[int, BatchResult], how_many: int) -> None:
+        """Expire the `how_many` longest-idle sessions, so the cap holds after the batch."""
+        store = self.store
+        stored: list[Candidate] = []
+        for partition in self.active_partitions():
+            opened = store.partition(partition)
+            if opened is None:
+                continue
+            touched = results[partition].writes if partition in results else {}
+            stored += [
+                (last_seen, partition, session_id)
+                for last_seen, session_id in opened.oldest(how_many, skip=touched)
+            ]
+        touched_states = {
+            (partition, session_id): state
+            for partition, result in results.items()
+            for session_id, state in result.writes.items()
+            if state is not None
+        }
+        recent = [(s.last_seen_us, p, sid) for (p, sid), s in touched_states.items()]
+        for _, partition, session_id in choose_evictions(stored, recent, how_many):
+            victim = touched_states.get((partition, session_id))
+            if victim is None:
+                opened = store.partition(partition)
+                victim = None if opened is None else opened.session(session_id)
+                if victim is None:
+                    continue
+            evicted = results.setdefault(partition, BatchResult())
+            evicted.before.setdefault(session_id, victim)
+            evicted.writes[session_id] = None
+            if victim.pending:
+                evicted.expired.append(remnant(session_id, victim, "evicted"))
+            self.totals.sessions_evicted += 1
+
+    async def commit(self, change: ChangeSet) -> None:
+        """Take a change set through its steps, in the order of README's delivery guarantee.
+
+        Work that needs no broker (encoding, building write batches) is done while
+        the broker acknowledges the step before.
+        """
+        delivery = self.delivery
+        # 1. Outputs, remnants and dead letters handed over; states encoded meanwhile; acked.
+        outputs = await delivery.send(change.outputs, change.dead_letters)
+        change.prepare()
+        await outputs.delivered()
+        change.delivered()
+        # 2. Changed buffers, flush markers and watermarks to the changelog; write batches
+        #    built meanwhile; acked.
+        changelog = self.table.changelog_topic.get_topic_name()
+        logged = await delivery.hand_over(change.changelog_records(changelog))
+        batches = change.write_batches()
+        offsets = {p: offset for (_, p), offset in (await logged.delivered()).items()}
+        change.logged()
+        # 3. One atomic RocksDB write per partition, with the changelog offset it reached.
+        #    Partitions that lose sessions first, so the cap holds even between two writes.
+        store = self.store
+        for partition in sorted(offsets, key=lambda p: batches[p].delta):
+            opened = store.partition(partition)
+            if opened is None:
+                # Revoked meanwhile: the changelog has the change for whoever recovers it.
+                logger.info(
+                    "Partition %d revoked before its write; left to the changelog", partition
+                )
+                continue
+            opened.commit(batches[partition], offsets[partition])
+        change.committed()
+        # 4. The caller acks the input offsets: Faust commits them only now.
+
+    async def check_capacity(self) -> None:
+        """Feed the live count to the capacity alarm; report a transition if there is one."""
+        await self.capacity.update(sum(self.live_sessions().values()))

@@ -1,0 +1,1 @@
+"""Commands beside `worker`: the embedded broker, the load generator and the verifier."""

@@ -1,0 +1,1 @@
+"""The web view: JSON stats, Prometheus metrics, heap snapshots and the dashboard."""

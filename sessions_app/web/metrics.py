@@ -1,0 +1,70 @@
+"""Prometheus metrics: the stats of `/sessions/` as gauges and counters, read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sessions_app.web.stats import session_stats
+
+
+def metric_families(
+    stats: dict[str, Any], max_sessions: int, heap_bytes: int | None
+) -> Iterator[Metric]:
+    """Yield the metric families for one `/sessions/` stats dict."""
+    live = GaugeMetricFamily(
+        "sessions_live", "Live sessions held by this worker", labels=["partition"]
+    )
+    for partition, count in stats["live_sessions_by_partition"].items():
+        live.add_metric([partition], count)
+    yield live
+    yield GaugeMetricFamily("sessions_max", "SESSIONS_MAX_SESSIONS", value=max_sessions)
+    yield GaugeMetricFamily("sessions_usage_ratio", "Live sessions / cap", value=stats["usage"])
+    yield GaugeMetricFamily(
+        "sessions_capacity_alarm",
+        "1 while the capacity alarm is raised",
+        value=1 if stats["alarm"]["state"] == "raised" else 0,
+    )
+    for name, value in stats["totals"].items():
+        yield CounterMetricFamily(
+            f"sessions_{name.removeprefix('sessions_')}",
+            f"Total {name.replace('_', ' ')}",
+            value=value,
+        )
+    yield GaugeMetricFamily(
+        "sessions_process_rss_bytes", "Resident set size", value=stats["process_rss_bytes"]
+    )
+    for name, value in stats["rocksdb"].items():
+        yield GaugeMetricFamily(f"sessions_rocksdb_{name}", f"RocksDB {name}", value=value)
+    yield GaugeMetricFamily(
+        "sessions_event_loop_max_stall_ms",
+        "Longest event-loop stall",
+        value=stats["event_loop"]["max_stall_ms"],
+    )
+    if heap_bytes is not None:
+        yield GaugeMetricFamily(
+            "sessions_python_heap_bytes",
+            "Python heap size at the last heapy snapshot",
+            value=heap_bytes,
+        )
+
+
+class SessionsCollector:
+    """A Prometheus collector over one worker's state."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        app = self.app
+        return metric_families(
+            session_stats(app), app.settings.max_sessions, app.heap_snapshots.last_size()
+        )
+
+
+def exposition(app: Any) -> bytes:
+    """Return the worker's metrics in Prometheus' text format."""
+    return generate_latest(SessionsCollector(app))

@@ -1,0 +1,30 @@
+"""What `/sessions/` and `/metrics` report, read from the worker's state at request time."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sessions_app.stream.monitoring import process_rss_bytes
+
+
+def session_stats(app: Any) -> dict[str, Any]:
+    """Return everything /sessions/ reports about the worker `app`."""
+    pipeline = app.pipeline
+    per_partition = pipeline.live_sessions()
+    live = sum(per_partition.values())
+    max_sessions = app.settings.max_sessions
+    alarm = app.capacity.as_dict()
+    alarm.pop("transitions")
+    return {
+        "worker": app.capacity.worker,
+        "live_sessions": live,
+        "live_sessions_by_partition": {str(p): n for p, n in per_partition.items()},
+        "max_sessions": max_sessions,
+        "usage": live / max_sessions,
+        "alarm": alarm,
+        "totals": app.totals.as_dict(),
+        "process_rss_bytes": process_rss_bytes(),
+        "rocksdb": pipeline.store.memory_usage(),
+        "event_loop": app.loop_stalls.as_dict(asyncio.get_running_loop().time()),
+    }

@@ -1,0 +1,201 @@
+"""The worker's web views, on Faust's own web server: read-only JSON, Prometheus text, a dashboard.
+
+GET /sessions/   live sessions (total, per partition), cap, alarm, totals, memory
+GET /heap/       heapy statistics (?format=text, ?diff=baseline, ?top=N); token if set
+GET /alarms/     active alarms and the last 100 transitions
+GET /history/    the dashboard's samples of the last hour
+GET /metrics     Prometheus text format; token if set
+GET /            the dashboard page
+
+The blueprint is loaded by name when the web server starts (sessions_app.web.server).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import asdict
+from importlib import resources
+from typing import Any
+
+from faust import web
+
+from sessions_app.web.heapstats import TOP_ROWS, diff
+from sessions_app.web.metrics import exposition
+from sessions_app.web.stats import session_stats
+
+blueprint = web.Blueprint("sessions")
+
+
+class BadRequest(ValueError):
+    """A query parameter the view does not accept."""
+
+
+def authorized(request: web.Request, token: str | None) -> bool:
+    """Tell whether the request may read a protected view (always, without a token)."""
+    if token is None:
+        return True
+    given = request.headers.get("Authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def query_choice(request: web.Request, name: str, choices: tuple[str, ...]) -> str | None:
+    """Return query parameter `name`, or raise BadRequest if it is not one of `choices`."""
+    value = request.query.get(name)
+    if value is not None and value not in choices:
+        raise BadRequest(f"{name}={value!r} is not allowed; use one of: {', '.join(choices)}")
+    return value
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """Return integer query parameter `name`, or raise BadRequest if it is not one in range."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name}={raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name}={value} is outside {low}..{high}")
+    return value
+
+
+class ReadOnlyView(web.View):
+    """A view that answers GET (and HEAD) only; unknown query parameters get 400.
+
+    `self.app` is the SessionsApp: every view reads the worker's state through it.
+    """
+
+    app: Any
+    allowed_params: frozenset[str] = frozenset()
+
+    def unknown_params(self, request: web.Request) -> web.Response | None:
+        unknown = sorted(set(request.query) - self.allowed_params)
+        if unknown:
+            return self.error(400, f"unknown query parameter(s): {', '.join(unknown)}")
+        return None
+
+    def unauthorized(self, request: web.Request) -> web.Response | None:
+        if authorized(request, self.app.settings.web_token):
+            return None
+        return self.error(401, "a bearer token is required (SESSIONS_WEB_TOKEN)")
+
+
+@blueprint.route("/sessions/", name="sessions")
+class SessionsView(ReadOnlyView):
+    """Live sessions against the cap, the alarm, totals, and memory."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.unknown_params(request) or self.json(session_stats(self.app))
+
+
+@blueprint.route("/alarms/", name="alarms")
+class AlarmsView(ReadOnlyView):
+    """Active alarms and the last 100 transitions."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        if bad := self.unknown_params(request):
+            return bad
+        state = self.app.capacity.as_dict()
+        active = (
+            []
+            if state["state"] != "raised"
+            else [
+                {
+                    "alarm": "session-capacity",
+                    "since": state["since"],
+                    "count": state["count"],
+                    "cap": state["cap"],
+                    "usage": state["usage"],
+                }
+            ]
+        )
+        return self.json({"active": active, "transitions": state["transitions"]})
+
+
+@blueprint.route("/history/", name="history")
+class HistoryView(ReadOnlyView):
+    """The last hour of samples: live sessions, cap, RSS, Python heap."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        if bad := self.unknown_params(request):
+            return bad
+        history = self.app.history
+        return self.json(
+            {
+                "period_seconds": history.period,
+                "alarm_ratio": self.app.settings.alarm_ratio,
+                "samples": [asdict(s) for s in history.samples],
+            }
+        )
+
+
+@blueprint.route("/heap/", name="heap")
+class HeapView(ReadOnlyView):
+    """guppy3 heapy statistics of the worker's Python heap."""
+
+    allowed_params = frozenset({"format", "diff", "top"})
+
+    async def get(self, request: web.Request) -> web.Response:
+        if denied := self.unauthorized(request):
+            return denied
+        if bad := self.unknown_params(request):
+            return bad
+        try:
+            fmt = query_choice(request, "format", ("json", "text")) or "json"
+            against = query_choice(request, "diff", ("baseline",))
+            top = query_int(request, "top", 20, 1, TOP_ROWS)
+        except BadRequest as exc:
+            return self.error(400, str(exc))
+        snapshots = self.app.heap_snapshots
+        snapshot = await snapshots.get()
+        if fmt == "text":
+            return self.text(snapshot["text"])
+        body: dict[str, Any] = {
+            "taken_at": snapshot["taken_at"],
+            "took_seconds": snapshot["took_seconds"],
+            "min_interval_seconds": snapshots.min_interval,
+            "total_size": snapshot["total_size"],
+            "count": snapshot["count"],
+            "rows": snapshot["rows"][:top],
+        }
+        if against == "baseline":
+            baseline = snapshots.baseline or snapshot
+            body["baseline_taken_at"] = baseline["taken_at"]
+            body["grown"] = diff(baseline, snapshot)[:top]
+        return self.json(body)
+
+
+@blueprint.route("/metrics", name="metrics")
+class MetricsView(ReadOnlyView):
+    """Prometheus text exposition of every counter and gauge."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        if denied := self.unauthorized(request):
+            return denied
+        if bad := self.unknown_params(request):
+            return bad
+        return self.bytes(
+            exposition(self.app),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+
+def _static(name: str) -> bytes:
+    return resources.files("sessions_app.web").joinpath("static", name).read_bytes()
+
+
+@blueprint.route("/", name="dashboard")
+class DashboardView(ReadOnlyView):
+    """The dashboard page for a person."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.text(_static("dashboard.html").decode(), content_type="text/html")
+
+
+@blueprint.route("/static/chart.umd.min.js", name="chartjs")
+class ChartLibraryView(ReadOnlyView):
+    """Chart.js, shipped with the package."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.bytes(_static("chart.umd.min.js"), content_type="text/javascript")
