@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sessions_app.capacity import CapacityAlarm
+from sessions_app.core.capacity import CapacityAlarm, choose_evictions
 
 
 def test_raised_at_ratio_and_cleared_with_hysteresis() -> None:
@@ -38,3 +38,16 @@ def test_history_keeps_the_last_hundred() -> None:
         alarm.update(10 if t % 2 == 0 else 0, float(t))
     assert len(alarm.history) == 100
     assert alarm.history[-1].time == 299.0
+
+
+def test_eviction_takes_untouched_sessions_first_then_the_batch_s_earliest() -> None:
+    stored = [(300, 1, b"c"), (100, 0, b"a"), (200, 0, b"b")]
+    touched = [(1_002, 1, b"y"), (1_001, 0, b"x")]
+    assert choose_evictions(stored, touched, 2) == [(100, 0, b"a"), (200, 0, b"b")]
+    assert choose_evictions(stored, touched, 4) == [
+        (100, 0, b"a"),
+        (200, 0, b"b"),
+        (300, 1, b"c"),
+        (1_001, 0, b"x"),
+    ]
+    assert choose_evictions([], touched, 5) == [(1_001, 0, b"x"), (1_002, 1, b"y")]

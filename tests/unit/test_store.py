@@ -1,0 +1,163 @@
+"""One partition's RocksDB store, against rocksdict alone: no broker, no Faust worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import rocksdict
+
+from sessions_app.core import keys
+from sessions_app.core.batch import ActivityClock, Fragment, apply_fragments
+from sessions_app.core.capacity import choose_evictions
+from sessions_app.core.session_state import SessionState
+from sessions_app.engine.store import PartitionStore, prepare_write
+
+OFFSET_KEY = b"__faust\0offset__"
+
+
+def open_db(path: Path) -> Any:
+    options = rocksdict.Options(raw_mode=True)
+    options.create_if_missing(True)
+    return rocksdict.Rdict(str(path), options)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Any]:
+    opened = open_db(tmp_path / "p0")
+    yield opened
+    opened.close()
+
+
+def write(
+    store: PartitionStore,
+    writes: dict[bytes, SessionState | None],
+    changelog_offset: int,
+    markers: dict[bytes, bytes | None] | None = None,
+    watermark: int | None = None,
+) -> None:
+    """Write as the pipeline does: the states found before, the new ones encoded."""
+    before = {sid: store.session(sid) for sid in writes}
+    encoded = {sid: None if s is None else s.encode() for sid, s in writes.items()}
+    store.commit(prepare_write(writes, before, encoded, markers, watermark), changelog_offset)
+
+
+def state(last_seen_us: int, pending: bytes = b"tail", offset: int = 0) -> SessionState:
+    return SessionState(offset, 1, last_seen_us, pending)
+
+
+def test_a_write_keeps_buffers_idle_index_and_count_in_step(db: Any) -> None:
+    store = PartitionStore(db, OFFSET_KEY)
+    write(store, {b"a": state(300), b"b": state(100), b"c": state(200)}, changelog_offset=7)
+    assert store.live_count() == 3
+    assert store.oldest(10) == [(100, b"b"), (200, b"c"), (300, b"a")]
+    # b is touched again: its old index entry goes, the new one sorts last.
+    write(store, {b"b": state(400, b"more"), b"c": None}, changelog_offset=8)
+    assert store.oldest(10) == [(300, b"a"), (400, b"b")]
+    assert store.session(b"b") == state(400, b"more")
+    assert store.session(b"c") is None and not store.has_session(b"c")
+    assert store.live_count() == 2
+    assert db[OFFSET_KEY] == b"8"  # where Faust's recovery resumes the changelog
+
+
+def test_oldest_stops_at_the_deadline_and_skips_sessions_in_hand(db: Any) -> None:
+    store = PartitionStore(db, OFFSET_KEY)
+    write(store, {b"a": state(100), b"b": state(200), b"c": state(300)}, changelog_offset=0)
+    assert store.oldest(10, before_us=300) == [(100, b"a"), (200, b"b")]
+    assert store.oldest(10, before_us=301) == [(100, b"a"), (200, b"b"), (300, b"c")]
+    assert store.oldest(1) == [(100, b"a")]
+    assert store.oldest(2, skip={b"a"}) == [(200, b"b"), (300, b"c")]
+    assert store.oldest(0) == []
+
+
+def test_the_count_watermark_and_markers_survive_a_reopen(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "p1")
+    store = PartitionStore(db, OFFSET_KEY)
+    marker = keys.FlushMarker(scan_from=12, seq=3, pending=b"\x00left")
+    write(
+        store,
+        {b"a": state(1), b"b": state(2)},
+        changelog_offset=4,
+        markers={b"gone": marker.encode()},
+        watermark=41,
+    )
+    db.close()
+
+    reopened = PartitionStore(open_db(tmp_path / "p1"), OFFSET_KEY)
+    assert reopened.live_count() == 2
+    assert reopened.watermark() == 41
+    assert reopened.markers() == {b"gone": marker}
+    write(reopened, {}, changelog_offset=5, markers={b"gone": None})
+    assert reopened.markers() == {}
+    reopened.db.close()
+
+
+class Record(NamedTuple):
+    key: bytes | None
+    value: bytes | None
+    offset: int
+
+
+def test_changelog_records_rebuild_the_index_and_count(tmp_path: Path) -> None:
+    # What the pipeline wrote in one worker, applied from the changelog in another.
+    source = PartitionStore(open_db(tmp_path / "source"), OFFSET_KEY)
+    changelog: list[Record] = []
+    batches: list[dict[bytes, SessionState | None]] = [
+        {b"a": state(10), b"b": state(20)},
+        {b"a": state(30, b"a2"), b"c": state(25)},
+        {b"b": None},
+    ]
+    for offset, writes in enumerate(batches):
+        write(source, writes, changelog_offset=offset)
+        changelog += [
+            Record(keys.buffer_key(sid), None if s is None else s.encode(), offset)
+            for sid, s in writes.items()
+        ]
+    changelog.append(Record(keys.WATERMARK_KEY, keys.encode_offset(99), len(batches)))
+
+    rebuilt = PartitionStore(open_db(tmp_path / "rebuilt"), OFFSET_KEY)
+    rebuilt.apply_changelog(changelog[:3])  # a batch boundary inside one write
+    rebuilt.apply_changelog(changelog[3:])
+    assert rebuilt.oldest(10) == source.oldest(10) == [(25, b"c"), (30, b"a")]
+    assert rebuilt.live_count() == source.live_count() == 2
+    assert rebuilt.session(b"a") == state(30, b"a2")
+    assert rebuilt.watermark() == 99
+    assert rebuilt.db[OFFSET_KEY] == str(len(batches)).encode()
+    for store in (source, rebuilt):
+        store.db.close()
+
+
+def test_the_loader_reads_what_the_batch_core_decodes(db: Any) -> None:
+    store = PartitionStore(db, OFFSET_KEY)
+    result = apply_fragments([Fragment("in", 0, 5, b"s", b"abc")], store.loader(), b"\n", 1_000)
+    write(store, dict(result.writes), changelog_offset=0)
+    again = apply_fragments([Fragment("in", 0, 6, b"s", b"d\n")], store.loader(), b"\n", 2_000)
+    assert [r.value for r in again.records] == [b"abcd"]
+    assert store.loader()(b"missing") is None
+
+
+def test_eviction_after_a_restart_takes_the_longest_idle_session(db: Any) -> None:
+    store = PartitionStore(db, OFFSET_KEY)
+    wall_us = 1_700_000_000_000_000
+    # The old worker ran for a day: 10^9 fragments at 12,000/s, in batches of 20,000.
+    old_clock = ActivityClock()
+    for _ in range(50_000):
+        wall_us += 20_000 * 1_000_000 // 12_000
+        first = old_clock.stamp(wall_us, 20_000)
+    old = apply_fragments(
+        [Fragment("in", 0, 1, b"old", b"x")], store.loader(), b"\n", first, max_buffer_bytes=None
+    )
+    write(store, dict(old.writes), changelog_offset=0)
+
+    # A restart: a new clock, the wall clock a minute on.
+    new_clock = ActivityClock()
+    wall_us += 60_000_000
+    new = apply_fragments(
+        [Fragment("in", 0, 2, b"new", b"y")], store.loader(), b"\n", new_clock.stamp(wall_us, 1)
+    )
+    write(store, dict(new.writes), changelog_offset=1)
+
+    stored = [(seen, 0, sid) for seen, sid in store.oldest(1)]
+    assert choose_evictions(stored, [], 1) == [(first, 0, b"old")]
