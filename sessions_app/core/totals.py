@@ -18,6 +18,9 @@ class PipelineTotals:
     sessions_evicted: int = 0
     sessions_overflowed: int = 0
     dead_letters: int = 0
+    batches_applied: int = 0
+    #: Idle flushes a crash interrupted, settled after the restart (sent or found sent).
+    interrupted_flushes_settled: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """Return the totals as a plain dict for JSON."""

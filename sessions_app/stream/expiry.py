@@ -230,3 +230,4 @@ class IdleExpiry(Service):
         await pipeline.commit(
             ChangeSet({partition: PartitionChanges(markers={sid: None for sid in markers})})
         )
+        pipeline.totals.interrupted_flushes_settled += len(done)

@@ -162,6 +162,8 @@ class Pipeline:
         #: Serialises every change to the session buffers: batches, sweeps, flush recovery.
         self.lock = asyncio.Lock()
         self.clock = ActivityClock()
+        #: The most fragments one batch has held (bounded by SESSIONS_BATCH_FRAGMENTS).
+        self.largest_batch = 0
 
     @property
     def store(self) -> SessionStore:
@@ -235,7 +237,10 @@ class Pipeline:
         await self.commit(change)
         # Counted once delivered and persisted: a total seen in the stats is done.
         totals = self.totals
-        totals.fragments_consumed += sum(len(consumed[p]) for p in applied)
+        fragments = sum(len(consumed[p]) for p in applied)
+        totals.fragments_consumed += fragments
+        totals.batches_applied += 1
+        self.largest_batch = max(self.largest_batch, fragments)
         for result in results.values():
             totals.fragments_replayed += result.fragments_replayed
             totals.records_emitted += len(result.records)

@@ -24,6 +24,7 @@ def session_stats(app: Any) -> dict[str, Any]:
         "usage": live / max_sessions,
         "alarm": alarm,
         "totals": app.totals.as_dict(),
+        "largest_batch_fragments": pipeline.largest_batch,
         "process_rss_bytes": process_rss_bytes(),
         "rocksdb": pipeline.store.memory_usage(),
         "event_loop": app.loop_stalls.as_dict(asyncio.get_running_loop().time()),
