@@ -237,10 +237,10 @@ class Pipeline:
         await self.commit(change)
         # Counted once delivered and persisted: a total seen in the stats is done.
         totals = self.totals
-        fragments = sum(len(consumed[p]) for p in applied)
-        totals.fragments_consumed += fragments
+        batch_size = sum(len(consumed[p]) for p in applied)
+        totals.fragments_consumed += batch_size
         totals.batches_applied += 1
-        self.largest_batch = max(self.largest_batch, fragments)
+        self.largest_batch = max(self.largest_batch, batch_size)
         for result in results.values():
             totals.fragments_replayed += result.fragments_replayed
             totals.records_emitted += len(result.records)
