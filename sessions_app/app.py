@@ -30,7 +30,7 @@ from sessions_app.stream.expiry import IdleExpiry
 from sessions_app.stream.monitoring import CapacityMonitor, LoopStallMonitor
 from sessions_app.stream.pipeline import Pipeline
 from sessions_app.stream.tables import declare_session_buffers
-from sessions_app.stream.topics import declare_topics
+from sessions_app.stream.topics import copartitioning_problem, declare_topics, partition_counts
 from sessions_app.web.heapstats import HeapSnapshots
 from sessions_app.web.history import HistorySampler
 from sessions_app.web.server import SessionsWeb
@@ -139,7 +139,24 @@ class SessionsApp(faust.App):
         # aiokafka builds a debug record for every message it sends (its loggers are left
         # at NOTSET): that cost a tenth of the worker's CPU.
         logging.getLogger("aiokafka").setLevel(logging.INFO)
+        await self._check_copartitioning()
         await super().on_first_start()
+
+    async def _check_copartitioning(self) -> None:
+        """Stop with exit status 2 before consuming if the topics' partition counts disagree."""
+        settings = self.settings
+        changelog = self.session_buffers.changelog_topic.get_topic_name()
+        names = [
+            settings.input_topic,
+            changelog,
+            settings.output_topic,
+            settings.expired_topic,
+        ]
+        counts = await partition_counts(settings.kafka_client_options(), names)
+        problem = copartitioning_problem(settings, changelog, counts)
+        if problem is not None:
+            print(f"sessions-app: {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
 
     async def on_started_init_extra_services(self) -> None:
         """Start the sessions services once the tables are recovered, as Faust's timers start."""

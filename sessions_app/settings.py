@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 PREFIX = "SESSIONS_"
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -82,6 +82,10 @@ class Settings:
     standby_replicas: int = 1
     batch_fragments: int = 20_000
     tuning: Tuning = Tuning()
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Return the connection options every Kafka client the worker makes is given."""
+        return {"bootstrap_servers": self.bootstrap_servers}
 
     @property
     def sweep_interval(self) -> float:

@@ -1,4 +1,14 @@
-"""The topics sessions-app reads and writes, all with the input's partition count."""
+"""The topics sessions-app reads and writes, all with the input's partition count.
+
+A session's fragments and its buffer must live on the same partition number
+of the input topic and of the table's changelog, and its records go to that
+partition of the output and expired topics. Faust assigns co-partitioned
+topics together only when their partition counts agree: an input of 8 and a
+changelog of 12 would be assigned independently and send a session's
+fragments to one worker and its buffer to another, silently. So a worker
+reads the partition counts of the topics that exist before it consumes, and
+refuses to start on a mismatch (`copartitioning_problem`).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +31,57 @@ class SessionTopics:
     def outputs(self) -> tuple[Any, ...]:
         """Return the topics the worker writes."""
         return (self.records, self.expired, self.dead_letters, self.alerts)
+
+
+def copartitioning_problem(
+    settings: Settings, changelog: str, counts: dict[str, int | None]
+) -> str | None:
+    """Return why these partition counts break co-partitioning, or None if they do not.
+
+    `counts` maps topic names to their partition counts on the broker, None for a
+    topic that does not exist yet (the worker creates it with SESSIONS_PARTITIONS).
+    """
+    expected = settings.partitions
+    found = {name: count for name, count in counts.items() if count is not None}
+    problems = []
+    input_count = found.get(settings.input_topic)
+    if input_count is not None and input_count != expected:
+        problems.append(f"{settings.input_topic} has {input_count} partitions")
+    changelog_count = found.get(changelog)
+    if changelog_count is not None and changelog_count != (input_count or expected):
+        problems.append(f"{changelog} has {changelog_count} partitions")
+    # Records go to the input's partition number: these need at least as many.
+    for name in (settings.output_topic, settings.expired_topic):
+        count = found.get(name)
+        if count is not None and count < (input_count or expected):
+            problems.append(f"{name} has {count} partitions")
+    if not problems:
+        return None
+    return (
+        f"topics are not co-partitioned with SESSIONS_PARTITIONS={expected}: "
+        + ", ".join(problems)
+        + "; the input and the changelog need exactly that many, the output and"
+        " expired topics at least that many (README, Scaling out: repartitioning)"
+    )
+
+
+async def partition_counts(
+    client_options: dict[str, Any], names: list[str]
+) -> dict[str, int | None]:
+    """Return each topic's partition count on the broker, None for a topic that does not exist."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_options)
+    await consumer.start()
+    try:
+        existing = await consumer.topics()
+        counts: dict[str, int | None] = {}
+        for name in names:
+            partitions = consumer.partitions_for_topic(name) if name in existing else None
+            counts[name] = None if not partitions else len(partitions)
+        return counts
+    finally:
+        await consumer.stop()
 
 
 def declare_topics(app: Any, settings: Settings) -> SessionTopics:

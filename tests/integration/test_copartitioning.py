@@ -1,0 +1,57 @@
+"""A worker refuses topics whose partition counts would split a session from its buffer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from sessions_app.tools.embedded_broker import create_topics_sync, free_port
+
+from .conftest import Deployment
+
+
+def start_worker_expecting_exit(deployment: Deployment) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        **deployment.env,
+        "SESSIONS_DATA_DIR": str(deployment.root / "data"),
+        "SESSIONS_WEB_PORT": str(free_port()),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "sessions_app", "worker", "-l", "info"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def refusal(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if "not co-partitioned" in line]
+
+
+def test_an_input_topic_with_another_partition_count_stops_the_worker(
+    deployment: Deployment,
+) -> None:
+    topic = deployment.env["SESSIONS_INPUT_TOPIC"] + "-six"
+    create_topics_sync(deployment.broker.bootstrap, [topic], 6)
+    deployment.env["SESSIONS_INPUT_TOPIC"] = topic
+    result = start_worker_expecting_exit(deployment)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = refusal(result)
+    assert f"SESSIONS_PARTITIONS=4: {topic} has 6 partitions" in line
+    # Records go to the input's partition: outputs of 4 cannot take those of partitions 4, 5.
+    assert deployment.env["SESSIONS_OUTPUT_TOPIC"] + " has 4 partitions" in line
+
+
+def test_a_changelog_with_another_partition_count_stops_the_worker(
+    deployment: Deployment,
+) -> None:
+    changelog = deployment.env["SESSIONS_APP_ID"] + "-session_buffers-changelog"
+    create_topics_sync(deployment.broker.bootstrap, [changelog], 2)
+    result = start_worker_expecting_exit(deployment)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = refusal(result)
+    assert f"{changelog} has 2 partitions" in line
+    assert deployment.env["SESSIONS_INPUT_TOPIC"] + " has" not in line
