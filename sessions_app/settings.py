@@ -45,6 +45,8 @@ class Tuning:
     #: The event-loop stall monitor's sleep, and the window of its recent maximum.
     stall_probe_period: float = 0.02
     stall_window: float = 10.0
+    #: /livez fails when the stall probe has not woken up for this long.
+    liveness_timeout: float = 10.0
     #: The dashboard's history: a sample every period, an hour of them.
     history_period: float = 10.0
     history_samples: int = 360

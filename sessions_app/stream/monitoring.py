@@ -85,12 +85,18 @@ class LoopStallMonitor(Service):
         self.window = window
         self.max_ms = 0.0
         self.recent: deque[tuple[float, float]] = deque(maxlen=4096)
+        #: Loop time of the last probe that woke up; None before the first.
+        self.last_tick: float | None = None
 
     def record(self, stall_ms: float, now: float) -> None:
         """Record one stall of `stall_ms` seen at loop time `now`."""
         self.max_ms = max(self.max_ms, stall_ms)
         if stall_ms >= 1.0:
             self.recent.append((now, stall_ms))
+
+    def turning(self, now: float, within: float) -> bool:
+        """Tell whether the probe woke up within the last `within` seconds of loop time."""
+        return self.last_tick is not None and now - self.last_tick <= within
 
     def as_dict(self, now: float) -> dict[str, float]:
         """Return the longest stall ever and over the last `window` seconds, in ms."""
@@ -108,4 +114,5 @@ class LoopStallMonitor(Service):
             start = loop.time()
             await asyncio.sleep(self.period)
             now = loop.time()
+            self.last_tick = now
             self.record((now - start - self.period) * 1000, now)

@@ -8,6 +8,17 @@ from typing import Any
 from sessions_app.stream.monitoring import process_rss_bytes
 
 
+def readiness(app: Any) -> str | None:
+    """Return why the worker cannot take traffic now, or None when it can."""
+    if app.rebalancing:
+        return "a rebalance is under way"
+    if not app.tables.recovery.completed.is_set():
+        return "tables are being recovered"
+    if not app.pipeline.active_partitions():
+        return "no input partition is assigned to this worker"
+    return None
+
+
 def session_stats(app: Any) -> dict[str, Any]:
     """Return everything /sessions/ reports about the worker `app`."""
     pipeline = app.pipeline

@@ -5,6 +5,8 @@ GET /heap/       heapy statistics (?format=text, ?diff=baseline, ?top=N); token 
 GET /alarms/     active alarms and the last 100 transitions
 GET /history/    the dashboard's samples of the last hour
 GET /metrics     Prometheus text format; token if set
+GET /livez       200 while the event loop turns, 503 otherwise (for an orchestrator's probe)
+GET /readyz      200 when partitions are assigned and recovered, 503 with the reason otherwise
 GET /            the dashboard page
 
 The blueprint is loaded by name when the web server starts (sessions_app.web.server).
@@ -12,6 +14,7 @@ The blueprint is loaded by name when the web server starts (sessions_app.web.ser
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import asdict
 from importlib import resources
@@ -21,7 +24,7 @@ from faust import web
 
 from sessions_app.web.heapstats import TOP_ROWS, diff
 from sessions_app.web.metrics import exposition
-from sessions_app.web.stats import session_stats
+from sessions_app.web.stats import readiness, session_stats
 
 blueprint = web.Blueprint("sessions")
 
@@ -87,6 +90,32 @@ class SessionsView(ReadOnlyView):
 
     async def get(self, request: web.Request) -> web.Response:
         return self.unknown_params(request) or self.json(session_stats(self.app))
+
+
+@blueprint.route("/livez", name="livez")
+class LivenessView(ReadOnlyView):
+    """200 while the event loop turns: the stall probe woke up recently."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        if bad := self.unknown_params(request):
+            return bad
+        now = asyncio.get_running_loop().time()
+        if self.app.loop_stalls.turning(now, self.app.settings.tuning.liveness_timeout):
+            return self.json({"status": "ok"})
+        return self.json({"status": "stalled"}, status=503)
+
+
+@blueprint.route("/readyz", name="readyz")
+class ReadinessView(ReadOnlyView):
+    """200 when the worker has partitions, recovered, and no rebalance is under way."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        if bad := self.unknown_params(request):
+            return bad
+        reason = readiness(self.app)
+        if reason is None:
+            return self.json({"status": "ready"})
+        return self.json({"status": "not ready", "reason": reason}, status=503)
 
 
 @blueprint.route("/alarms/", name="alarms")
