@@ -70,7 +70,7 @@ class SessionsApp(faust.App):
             # Unacked fragments are read again after a restart; shutdown need not wait for them.
             stream_wait_empty=False,
             web_bind=settings.web_host,
-            web_host=settings.web_host,
+            web_host=settings.web_advertised_host,
             web_port=settings.web_port,
             # Faust's /table/ views would publish session contents, /router/ the cluster layout.
             web_tables_enabled=False,

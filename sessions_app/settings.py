@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -88,6 +89,14 @@ class Settings:
     def kafka_client_options(self) -> dict[str, Any]:
         """Return the connection options every Kafka client the worker makes is given."""
         return {"bootstrap_servers": self.bootstrap_servers}
+
+    @property
+    def web_advertised_host(self) -> str:
+        """Return the host name the worker gives for its web server: the bound one, or, for a
+        wildcard bind (0.0.0.0, ::), the machine's host name (a container's, in docker/)."""
+        if self.web_host in {"0.0.0.0", "::", ""}:
+            return socket.gethostname()
+        return self.web_host
 
     @property
     def sweep_interval(self) -> float:
