@@ -8,18 +8,17 @@ present, byte for byte, in `seq` order, with repeats counted. The pure parts
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import itertools
 import json
 import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sessions_app.core.reassembly import frame, is_unambiguous
+from sessions_app.tools.harness import Record, read_topic, send
 
 
 def random_record(rng: random.Random, delimiter: bytes, min_len: int, max_len: int) -> bytes:
@@ -136,6 +135,8 @@ class Verification:
     seen: dict[bytes, set[int]] = field(default_factory=dict)
     received: int = 0
     duplicates: int = 0
+    #: Records of sessions the manifest does not hold (another run's, or a mangled key).
+    foreign: int = 0
     corrupt: list[str] = field(default_factory=list)
     out_of_order: list[str] = field(default_factory=list)
     last_timestamp_ms: int = 0
@@ -145,6 +146,7 @@ class Verification:
     ) -> None:
         """Check one output record; records of other sessions are ignored."""
         if key not in self.expected:
+            self.foreign += 1
             return
         self.received += 1
         self.last_timestamp_ms = max(self.last_timestamp_ms, timestamp_ms)
@@ -190,6 +192,7 @@ class Verification:
         lines = [
             f"expected records:  {self.expected_count}",
             f"received:          {self.received} ({self.duplicates} repeats by seq)",
+            f"other sessions:    {self.foreign}",
             f"missing:           {self.expected_count - self.unique}",
             f"corrupt:           {len(self.corrupt)}",
             f"out of order:      {len(self.out_of_order)}",
@@ -208,30 +211,13 @@ async def produce(
     progress: bool = True,
 ) -> tuple[int, float]:
     """Send every session's fragments, interleaved; return (fragments, seconds)."""
-    from aiokafka import AIOKafkaProducer
     from tqdm import tqdm
 
     total = sum(len(s.fragments) for s in sessions)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
-    await producer.start()
-    started = time.monotonic()
-    try:
-        with tqdm(total=total, unit="frag", disable=not progress, mininterval=0.5) as bar:
-            pending: list[asyncio.Future[Any]] = []
-            for key, fragment in interleave(sessions, seed):
-                pending.append(await producer.send(topic, fragment, key=key))
-                if len(pending) >= 5000:
-                    await _drain(pending, bar)
-            await _drain(pending, bar)
-    finally:
-        await producer.stop()
-    return total, time.monotonic() - started
-
-
-async def _drain(pending: list[asyncio.Future[Any]], bar: Any) -> None:
-    await asyncio.gather(*pending)
-    bar.update(len(pending))
-    pending.clear()
+    items = ((key, fragment, None) for key, fragment in interleave(sessions, seed))
+    with tqdm(total=total, unit="frag", disable=not progress, mininterval=0.5) as bar:
+        seconds = await send(bootstrap, topic, items, progress=bar.update)
+    return total, seconds
 
 
 async def verify(
@@ -241,30 +227,19 @@ async def verify(
     idle_timeout: float,
     settle: float = 1.0,
 ) -> Verification:
-    """Read `topic` from the start until all records are in, or none came for idle_timeout."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    """Read `topic` from the start until all records are in, or none came for idle_timeout.
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        last_progress = time.monotonic()
-        while True:
-            batches = await consumer.getmany(timeout_ms=200, max_records=10_000)
-            for records in batches.values():
-                for r in records:
-                    seq = dict(r.headers).get("seq")
-                    check.add(r.key, r.value, seq, r.timestamp)
-                last_progress = time.monotonic()
-            idle = time.monotonic() - last_progress
-            # When complete, wait briefly for repeats still in flight, then stop.
-            if (check.complete and idle >= settle) or idle >= idle_timeout:
-                return check
-    finally:
-        await consumer.stop()
+    Once all are in, reading goes on until none came for `settle` seconds, so repeats
+    still in flight are counted too.
+    """
+    checked = 0
+
+    def complete(records: list[Record]) -> bool:
+        nonlocal checked
+        for record in records[checked:]:
+            check.add(record.key, record.value, record.headers.get("seq"), record.timestamp)
+        checked = len(records)
+        return check.complete
+
+    await read_topic(bootstrap, topic, complete, settle=settle, idle_timeout=idle_timeout)
+    return check
