@@ -22,15 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (
-    ROOT,
-    EmbeddedBroker,
-    Worker,
-    create_topics_sync,
-    mib,
-    rss_bytes,
-    send_remnants,
-)
+from bench.common import ROOT, bench_worker, mib, rss_bytes
+from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync
+from sessions_app.tools.harness import remnant_sessions, send_remnants
 
 REMNANT = b"r" * 64
 PARTITIONS = 8
@@ -54,7 +48,7 @@ def wait_dict(path: Path, at_least: int, timeout: float = 3600) -> None:
 def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
     topics = ["mem-in", "mem-out", "mem-expired", "mem-dlq", "mem-alerts", "mem-dict-out"]
     create_topics_sync(broker.bootstrap, topics, PARTITIONS)
-    worker = Worker(
+    app = bench_worker(
         broker,
         workdir,
         SESSIONS_APP_ID="bench-memory",
@@ -83,7 +77,7 @@ def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
     )
     try:
         time.sleep(3)
-        base_app, base_dict = rss_bytes(worker.pid), rss_bytes(dict_design.pid)
+        base_app, base_dict = rss_bytes(app.pid), rss_bytes(dict_design.pid)
         print(
             f"{'sessions':>10} {'sessions-app RSS':>18} {'dict design RSS':>18}   (at start: "
             f"{mib(base_app)}, {mib(base_dict)})",
@@ -92,18 +86,22 @@ def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
         rows = []
         sent = 0
         for step in steps:
-            seconds = asyncio.run(
-                send_remnants(broker.bootstrap, "mem-in", "s", sent, step, REMNANT)
-            )
+            sessions = remnant_sessions("s", sent, step, REMNANT)
+            seconds = asyncio.run(send_remnants(broker.bootstrap, "mem-in", sessions, b"\n"))
             print(f"  sent {step - sent:,} sessions in {seconds:.0f}s", flush=True)
             sent = step
             began = time.monotonic()
-            stats = worker.wait(lambda s, n=step: s["totals"]["fragments_consumed"] >= n)
+            stats = app.wait_until(
+                lambda s, n=step: s["totals"]["fragments_consumed"] >= n,
+                f"{step:,} fragments consumed",
+                timeout=3600,
+                poll=0.5,
+            )
             took = time.monotonic() - began
             wait_dict(progress, step)
             time.sleep(3)
-            app_rss, dict_rss = rss_bytes(worker.pid), rss_bytes(dict_design.pid)
-            stats = worker.stats()
+            app_rss, dict_rss = rss_bytes(app.pid), rss_bytes(dict_design.pid)
+            stats = app.stats()
             rows.append((step, app_rss, dict_rss))
             print(
                 f"{step:>10,} {mib(app_rss):>18} {mib(dict_rss):>18}   "
@@ -120,7 +118,7 @@ def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
             )
         print(f"largest sessions-app RSS: {mib(max(r[1] for r in rows))} (target <= 300 MiB)")
     finally:
-        worker.stop()
+        app.stop()
         dict_design.terminate()
         dict_design.wait()
 
@@ -140,18 +138,24 @@ def expiry_stall(broker: EmbeddedBroker, workdir: Path, sessions: int, idle: flo
         # The embedded broker under-reports end offsets of batched writes; this run restarts.
         "SESSIONS_PRODUCER_MAX_BATCH_SIZE": "1",
     }
-    worker = Worker(broker, workdir, **env).start()
-    asyncio.run(send_remnants(broker.bootstrap, "exp-in", "e", 0, sessions, REMNANT))
+    app = bench_worker(broker, workdir, **env).start()
+    idle_sessions = remnant_sessions("e", 0, sessions, REMNANT)
+    asyncio.run(send_remnants(broker.bootstrap, "exp-in", idle_sessions, b"\n"))
     # Applied and persisted, whatever the sweep has already expired meanwhile.
-    worker.wait(lambda s: s["totals"]["fragments_consumed"] >= sessions)
-    worker.stop()
+    app.wait_until(
+        lambda s: s["totals"]["fragments_consumed"] >= sessions,
+        f"{sessions:,} fragments consumed",
+        timeout=3600,
+        poll=0.5,
+    )
+    app.stop()
     time.sleep(idle + 1)
-    worker = Worker(broker, workdir, **env).start()
+    app.start()
     worst = 0.0
     began = time.monotonic()
     try:
         while True:
-            stats = worker.wait(lambda s: True)
+            stats = app.wait_until(lambda s: True, "an answer", timeout=60, poll=0.5)
             if stats["totals"]["sessions_expired"] > 0:
                 worst = max(worst, stats["event_loop"]["max_stall_ms_last_10s"])
             # Done when none is left (a few may have expired before the restart).
@@ -159,14 +163,14 @@ def expiry_stall(broker: EmbeddedBroker, workdir: Path, sessions: int, idle: flo
                 break
             time.sleep(0.2)
         took = time.monotonic() - began
-        worst = max(worst, worker.stats()["event_loop"]["max_stall_ms_last_10s"])
-        expired = worker.stats()["totals"]["sessions_expired"]
+        worst = max(worst, app.stats()["event_loop"]["max_stall_ms_last_10s"])
+        expired = app.stats()["totals"]["sessions_expired"]
         print(
             f"expiry of {sessions:,} idle sessions ({expired:,} after the restart): {took:.1f}s, "
             f"longest event-loop stall {worst:.1f} ms (target < 100 ms)"
         )
     finally:
-        worker.stop()
+        app.stop()
 
 
 def main() -> None:

@@ -26,7 +26,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.common import EmbeddedBroker, Worker, create_topics_sync, read_topic
+from bench.common import bench_worker
+from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync
+from sessions_app.tools.harness import WorkerProcess, read_topic
 
 PARTITIONS = 4
 EVENTS = ("join", "stop", "join", "kill -9")
@@ -64,7 +66,7 @@ class SteadyProducer(threading.Thread):
             await producer.stop()
 
 
-def owned(workers: list[Worker]) -> list[int]:
+def owned(workers: list[WorkerProcess]) -> list[int]:
     counts = []
     for worker in workers:
         try:
@@ -74,7 +76,7 @@ def owned(workers: list[Worker]) -> list[int]:
     return counts
 
 
-def wait_owned(workers: list[Worker], want: list[int], timeout: float = 120) -> float:
+def wait_owned(workers: list[WorkerProcess], want: list[int], timeout: float = 120) -> float:
     """Poll until the workers own `want` partitions each; return when, monotonic."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,7 +90,7 @@ def read_output(bootstrap: str, topic: str) -> tuple[dict[int, list[float]], set
     """Read `topic` from the start: each partition's record timestamps (s), distinct values."""
     times: dict[int, list[float]] = defaultdict(list)
     values: set[bytes] = set()
-    for r in asyncio.run(read_topic(bootstrap, topic, PARTITIONS)):
+    for r in asyncio.run(read_topic(bootstrap, topic, settle=1.0)):
         times[r.partition].append(r.timestamp / 1000)
         if r.value is not None:
             values.add(r.value)
@@ -124,8 +126,8 @@ def main() -> None:
             # The broker under-reports end offsets of multi-record batches (shared/BROKER.md).
             "SESSIONS_PRODUCER_MAX_BATCH_SIZE": "1",
         }
-        first = Worker(broker, workdir / "w1", **env).start()
-        second = Worker(broker, workdir / "w2", **env)
+        first = bench_worker(broker, workdir, name="w1", **env).start()
+        second = bench_worker(broker, workdir, name="w2", **env)
         wait_owned([first], [4])
         producer = SteadyProducer(broker.bootstrap, topics["INPUT"], args.rate)
         producer.start()

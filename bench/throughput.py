@@ -48,7 +48,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT, EmbeddedBroker, create_topics_sync, free_port, read_topic, send_all
+from bench.common import ROOT
+from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync, free_port
+from sessions_app.tools.harness import EMBEDDED_BROKER_ENV, read_topic, send
 from sessions_app.tools.loadgen import generate, interleave
 
 PARTITIONS = 4
@@ -133,7 +135,7 @@ def steady_rate(samples: list[tuple[float, int]], count: int) -> float:
 
 def read_all(bootstrap: str, topic: str) -> tuple[int, dict[bytes, list[bytes]]]:
     """Every record of `topic`: how many, and the values per key in partition order."""
-    records = asyncio.run(read_topic(bootstrap, topic, PARTITIONS))
+    records = asyncio.run(read_topic(bootstrap, topic, settle=1.0, max_records=50_000))
     by_key: dict[bytes, list[bytes]] = defaultdict(list)
     for r in records:
         by_key[r.key or b""].append(r.value or b"")
@@ -169,7 +171,8 @@ class Bench:
         for key, fragment in self.items:
             self.by_key_fragments[key].append(fragment)
         create_topics_sync(broker.bootstrap, ["tp-in"], PARTITIONS)
-        asyncio.run(send_all(broker.bootstrap, "tp-in", self.items))
+        items = ((key, fragment, None) for key, fragment in self.items)
+        asyncio.run(send(broker.bootstrap, "tp-in", items))
 
     def command(self, name: str, sink: str) -> tuple[list[str], dict[str, str]]:
         py, bootstrap, state = sys.executable, self.broker.bootstrap, self.workdir / sink
@@ -204,6 +207,7 @@ class Bench:
             return [py, "-m", "faust", "-A", "bench.stock_faust", "worker", "-l", "warn"], env
         if name.startswith("sessions-app"):
             env = {
+                **EMBEDDED_BROKER_ENV,
                 "SESSIONS_APP_ID": f"bench-{sink}",
                 "SESSIONS_BROKER_URL": self.broker.url,
                 "SESSIONS_DATA_DIR": str(state),
@@ -215,9 +219,6 @@ class Bench:
                 "SESSIONS_DLQ_TOPIC": f"{sink}-dlq",
                 "SESSIONS_ALERTS_TOPIC": f"{sink}-alerts",
                 "SESSIONS_DELIMITER": ESCAPED,
-                # The embedded broker holds a JoinGroup for half the session timeout.
-                "SESSIONS_BROKER_SESSION_TIMEOUT": "2",
-                "SESSIONS_BROKER_HEARTBEAT_INTERVAL": "0.5",
             }
             if name == "sessions-app-40k":
                 env["SESSIONS_BATCH_FRAGMENTS"] = "40000"
