@@ -25,18 +25,34 @@ from sessions_app.core.totals import PipelineTotals
 from sessions_app.engine.allocator import fix_mmap_threshold
 from sessions_app.engine.intake import IntakeConsumer
 from sessions_app.settings import Settings, SettingsError
+from sessions_app.stream.broker import BrokerRefused, partition_counts
 from sessions_app.stream.delivery import Delivery
 from sessions_app.stream.expiry import IdleExpiry
 from sessions_app.stream.monitoring import CapacityMonitor, LoopStallMonitor
 from sessions_app.stream.pipeline import Pipeline
 from sessions_app.stream.tables import declare_session_buffers
-from sessions_app.stream.topics import copartitioning_problem, declare_topics, partition_counts
+from sessions_app.stream.topics import copartitioning_problem, declare_topics
 from sessions_app.web.heapstats import HeapSnapshots
 from sessions_app.web.history import HistorySampler
 from sessions_app.web.server import SessionsWeb
 
 #: Modules that register agents and commands on `app`, imported by Faust's autodiscover.
 DISCOVERED = ["sessions_app.stream.agents", "sessions_app.tools.commands"]
+
+
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """Return Faust's credentials for the broker's security protocol, None for PLAINTEXT."""
+    protocol = settings.broker_security_protocol
+    if protocol == "SSL":
+        return faust.SSLCredentials(settings.ssl_context())
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=settings.ssl_context() if protocol == "SASL_SSL" else None,
+        )
+    return None
 
 
 def load_settings() -> Settings:
@@ -55,6 +71,7 @@ class SessionsApp(faust.App):
         super().__init__(
             settings.app_id,
             broker=settings.broker_url,
+            broker_credentials=broker_credentials(settings),
             store="rocksdb://",
             datadir=settings.data_dir,
             topic_partitions=settings.partitions,
@@ -152,7 +169,11 @@ class SessionsApp(faust.App):
             settings.output_topic,
             settings.expired_topic,
         ]
-        counts = await partition_counts(settings.kafka_client_options(), names)
+        try:
+            counts = await partition_counts(settings, names)
+        except BrokerRefused as refused:
+            print(f"sessions-app: {refused}", file=sys.stderr, flush=True)
+            raise SystemExit(refused.exit_status) from None
         problem = copartitioning_problem(settings, changelog, counts)
         if problem is not None:
             print(f"sessions-app: {problem}", file=sys.stderr, flush=True)

@@ -10,8 +10,9 @@ import codecs
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 PREFIX = "SESSIONS_"
@@ -81,14 +82,35 @@ class Settings:
     max_buffer_bytes: int = 1024 * 1024
     alerts_topic: str = "sessions-alerts"
     heap_min_interval: float = 30.0
-    web_token: str | None = None
+    web_token: str | None = field(default=None, repr=False)
     standby_replicas: int = 1
     batch_fragments: int = 20_000
+    # Secured Kafka: TLS and SASL for every client the worker and its commands make.
+    broker_security_protocol: str = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_key_password: str | None = field(default=None, repr=False)
+    ssl_check_hostname: bool = True
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
     tuning: Tuning = Tuning()
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Return the connection options every Kafka client the worker makes is given."""
-        return {"bootstrap_servers": self.bootstrap_servers}
+        protocol = self.broker_security_protocol
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": protocol,
+        }
+        if protocol.endswith("SSL"):
+            options["ssl_context"] = self.ssl_context()
+        if protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password
+        return options
 
     @property
     def web_advertised_host(self) -> str:
@@ -164,9 +186,92 @@ class Settings:
             batch_fragments=get(
                 "BATCH_FRAGMENTS", _int_range(10_000, 1_000_000), d.batch_fragments
             ),
+            broker_security_protocol=get(
+                "BROKER_SECURITY_PROTOCOL", _choice(*SECURITY_PROTOCOLS), "PLAINTEXT"
+            ),
+            ssl_cafile=get("SSL_CAFILE", _readable_file, None),
+            ssl_certfile=get("SSL_CERTFILE", _readable_file, None),
+            ssl_keyfile=get("SSL_KEYFILE", _readable_file, None),
+            ssl_key_password=get("SSL_KEY_PASSWORD", _secret, None),
+            ssl_check_hostname=get("SSL_CHECK_HOSTNAME", _boolean, True),
+            sasl_mechanism=get("SASL_MECHANISM", _choice(*SASL_MECHANISMS), None),
+            sasl_username=get("SASL_USERNAME", _text, None),
+            sasl_password=_sasl_password(env),
         )
         settings._check_together()
+        settings._check_security()
         return settings
+
+    def _check_security(self) -> None:
+        protocol = self.broker_security_protocol
+        variable = PREFIX + "BROKER_SECURITY_PROTOCOL"
+        tls = {
+            "SSL_CAFILE": self.ssl_cafile,
+            "SSL_CERTFILE": self.ssl_certfile,
+            "SSL_KEYFILE": self.ssl_keyfile,
+            "SSL_KEY_PASSWORD": self.ssl_key_password,
+        }
+        sasl = {
+            "SASL_MECHANISM": self.sasl_mechanism,
+            "SASL_USERNAME": self.sasl_username,
+            "SASL_PASSWORD": self.sasl_password,
+        }
+        if not protocol.endswith("SSL"):
+            for name, value in tls.items():
+                if value is not None:
+                    raise SettingsError(
+                        PREFIX + name,
+                        "<hidden>" if "PASSWORD" in name else value,
+                        f"must not be set: {variable}={protocol} does not use TLS "
+                        "(use SSL or SASL_SSL)",
+                    )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            given = "SSL_CERTFILE" if self.ssl_certfile is not None else "SSL_KEYFILE"
+            missing = "SSL_KEYFILE" if given == "SSL_CERTFILE" else "SSL_CERTFILE"
+            raise SettingsError(
+                PREFIX + missing, "", f"must be set with {PREFIX}{given} (mutual TLS takes both)"
+            )
+        if protocol.startswith("SASL"):
+            for name, value in sasl.items():
+                if value is None:
+                    what = " (or SESSIONS_SASL_PASSWORD_FILE)" if name == "SASL_PASSWORD" else ""
+                    raise SettingsError(
+                        PREFIX + name, "", f"must be set with {variable}={protocol}{what}"
+                    )
+        else:
+            for name, value in sasl.items():
+                if value is not None:
+                    raise SettingsError(
+                        PREFIX + name,
+                        "<hidden>" if "PASSWORD" in name else value,
+                        f"must not be set: {variable}={protocol} does not use SASL "
+                        "(use SASL_PLAINTEXT or SASL_SSL)",
+                    )
+        if protocol.endswith("SSL"):
+            self.ssl_context()  # a certificate, key or password that cannot be used stops here
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Return the TLS context for the broker; raise SettingsError naming what is wrong."""
+        try:
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+        except (ssl.SSLError, OSError) as exc:
+            raise SettingsError(
+                PREFIX + "SSL_CAFILE", str(self.ssl_cafile), f"holds no usable CA ({exc})"
+            ) from None
+        context.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile is not None:
+            try:
+                context.load_cert_chain(
+                    self.ssl_certfile, self.ssl_keyfile, password=self.ssl_key_password
+                )
+            except (ssl.SSLError, OSError) as exc:
+                raise SettingsError(
+                    PREFIX + "SSL_CERTFILE",
+                    self.ssl_certfile,
+                    f"and {PREFIX}SSL_KEYFILE={self.ssl_keyfile!r} are not a usable certificate "
+                    f"and key (wrong pair, or SESSIONS_SSL_KEY_PASSWORD?): {exc}",
+                ) from None
+        return context
 
     def _check_together(self) -> None:
         if self.broker_heartbeat_interval >= self.broker_session_timeout:
@@ -202,6 +307,50 @@ def parse_delimiter(variable: str, raw: str) -> bytes:
     if not value:
         raise SettingsError(variable, raw, allowed)
     return value
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _readable_file(variable: str, raw: str) -> str:
+    try:
+        with open(raw, "rb"):
+            pass
+    except OSError as exc:
+        raise SettingsError(variable, raw, f"must be a readable file ({exc.strerror})") from None
+    return raw
+
+
+def _secret(variable: str, raw: str) -> str:
+    return raw
+
+
+def _boolean(variable: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"true", "1", "yes"}:
+        return True
+    if value in {"false", "0", "no"}:
+        return False
+    raise SettingsError(variable, raw, "must be true or false")
+
+
+def _sasl_password(env: Mapping[str, str]) -> str | None:
+    """Return the SASL password, given itself or as a file (a mounted secret), not both."""
+    given = env.get(PREFIX + "SASL_PASSWORD") or None
+    path = env.get(PREFIX + "SASL_PASSWORD_FILE") or None
+    if given is not None and path is not None:
+        raise SettingsError(
+            PREFIX + "SASL_PASSWORD_FILE", path, "must not be set with SESSIONS_SASL_PASSWORD"
+        )
+    if path is None:
+        return given
+    _readable_file(PREFIX + "SASL_PASSWORD_FILE", path)
+    with open(path, encoding="utf-8") as secret:
+        password = secret.read().rstrip("\r\n")
+    if not password:
+        raise SettingsError(PREFIX + "SASL_PASSWORD_FILE", path, "must not be empty")
+    return password
 
 
 def _token(variable: str, raw: str) -> str:

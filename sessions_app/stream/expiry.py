@@ -49,7 +49,7 @@ class ExpiredTopicReader(Service):
         async with self._connecting:
             if self._consumer is None:
                 consumer = AIOKafkaConsumer(
-                    bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False
+                    enable_auto_commit=False, **self.settings.kafka_client_options()
                 )
                 await consumer.start()
                 self._consumer = consumer

@@ -65,25 +65,6 @@ def copartitioning_problem(
     )
 
 
-async def partition_counts(
-    client_options: dict[str, Any], names: list[str]
-) -> dict[str, int | None]:
-    """Return each topic's partition count on the broker, None for a topic that does not exist."""
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_options)
-    await consumer.start()
-    try:
-        existing = await consumer.topics()
-        counts: dict[str, int | None] = {}
-        for name in names:
-            partitions = consumer.partitions_for_topic(name) if name in existing else None
-            counts[name] = None if not partitions else len(partitions)
-        return counts
-    finally:
-        await consumer.stop()
-
-
 def declare_topics(app: Any, settings: Settings) -> SessionTopics:
     """Declare the worker's topics on `app`."""
 

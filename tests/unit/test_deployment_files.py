@@ -42,7 +42,8 @@ def of_kind(kind: str) -> list[dict[str, Any]]:
 
 def real_settings() -> set[str]:
     source = Path(sessions_app.settings.__file__).read_text()
-    return {"SESSIONS_" + name for name in re.findall(r'get\(\s*"([A-Z_]+)"', source)}
+    names = re.findall(r'(?:get\(\s*|PREFIX \+ )"([A-Z_]+)"', source)
+    return {"SESSIONS_" + name for name in names}
 
 
 def routes() -> set[str]:

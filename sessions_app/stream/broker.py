@@ -1,0 +1,110 @@
+"""The first contact with the broker: partition counts, and a clear word when it refuses us.
+
+A worker reads the partition counts of its topics before it consumes (see
+sessions_app/stream/topics.py). That is also the first connection through
+TLS and SASL, so a refusal there is turned into one line that names the
+setting to look at, instead of a client's retries and tracebacks: aiokafka
+reports a failed TLS handshake only as "Unable to bootstrap", so the
+handshake is tried again by itself to learn why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from sessions_app.settings import Settings
+
+#: How long the first contact may take before the worker gives up with a message.
+CONNECT_TIMEOUT = 30.0
+
+
+class BrokerRefused(RuntimeError):
+    """The broker cannot be used now; the message says which settings to check.
+
+    `exit_status` is 2 when the settings keep the worker out (TLS, SASL), as for
+    any bad setting, and 1 when the broker could not be reached at all.
+    """
+
+    def __init__(self, message: str, exit_status: int = 2) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+async def partition_counts(settings: Settings, names: list[str]) -> dict[str, int | None]:
+    """Return each topic's partition count, None for a topic that does not exist.
+
+    Raise BrokerRefused when TLS or SASL settings keep the worker out.
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(enable_auto_commit=False, **settings.kafka_client_options())
+    try:
+        await asyncio.wait_for(consumer.start(), CONNECT_TIMEOUT)
+        existing = await consumer.topics()
+    except Exception as exc:
+        await consumer.stop()
+        raise await _refusal(settings, exc) from exc
+    try:
+        counts: dict[str, int | None] = {}
+        for name in names:
+            partitions = consumer.partitions_for_topic(name) if name in existing else None
+            counts[name] = len(partitions) if partitions else None
+        return counts
+    finally:
+        await consumer.stop()
+
+
+async def _refusal(settings: Settings, error: Exception) -> BrokerRefused:
+    """Return why the first contact failed, naming the settings to check."""
+    url = f"SESSIONS_BROKER_URL={settings.broker_url}"
+    protocol = settings.broker_security_protocol
+    if protocol.endswith("SSL"):
+        reason = await _tls_handshake_failure(settings)
+        if reason is not None:
+            return BrokerRefused(f"TLS with the broker at {url} failed: {reason}")
+    if protocol.startswith("SASL"):
+        return BrokerRefused(
+            f"the broker at {url} did not accept SASL {settings.sasl_mechanism} for user "
+            f"{settings.sasl_username!r} ({type(error).__name__}: {error}); check "
+            "SESSIONS_SASL_USERNAME, SESSIONS_SASL_PASSWORD and SESSIONS_SASL_MECHANISM"
+        )
+    return BrokerRefused(
+        f"cannot reach the broker at {url} with SESSIONS_BROKER_SECURITY_PROTOCOL={protocol}: "
+        f"{type(error).__name__}: {error}",
+        exit_status=1,
+    )
+
+
+async def _tls_handshake_failure(settings: Settings) -> str | None:
+    """Shake hands with the first bootstrap server alone; return why it failed, or None."""
+    host, _, port = settings.bootstrap_servers[0].rpartition(":")
+    host = host.strip("[]")
+    context = settings.ssl_context()
+    refused = (
+        "the broker refused the handshake ({}); mutual TLS needs SESSIONS_SSL_CERTFILE and "
+        "SESSIONS_SSL_KEYFILE with a certificate it trusts"
+    )
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(port), ssl=context), CONNECT_TIMEOUT
+        )
+    except ssl.SSLCertVerificationError as exc:
+        hint = "SESSIONS_SSL_CAFILE"
+        if "hostname" in str(exc.verify_message) or "match" in str(exc.verify_message):
+            hint += " (or SESSIONS_SSL_CHECK_HOSTNAME for a name the certificate lacks)"
+        return f"the broker's certificate is not trusted ({exc.verify_message}); check {hint}"
+    except ssl.SSLError as exc:
+        return refused.format(exc.reason)
+    except (TimeoutError, OSError):
+        return None  # not a TLS matter: the broker is unreachable
+    try:
+        # A TLS 1.3 server checks a client certificate after the handshake: it hangs up then.
+        await asyncio.wait_for(reader.read(1), 0.5)
+    except ssl.SSLError as exc:
+        return refused.format(exc.reason)
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
+    return None
