@@ -168,3 +168,30 @@ def test_the_image_runs_the_worker_readme_shows_as_a_numeric_user() -> None:
     assert "SESSIONS_WEB_PORT" in dockerfile.split("HEALTHCHECK", 1)[1]
     readme = (ROOT / "README.md").read_text()
     assert shlex.join(WORKER_COMMAND) in readme
+
+
+def test_the_secured_compose_variant_mounts_every_file_its_settings_name() -> None:
+    secured = yaml.safe_load((DOCKER / "compose.secured.yaml").read_text())
+    declared = set(secured["secrets"])
+    known = real_settings()
+    base = compose()["services"]
+    for name, service in secured["services"].items():
+        assert name in base or name == "users", f"{name} overrides no service of compose.yaml"
+        mounted = set(service.get("secrets", []))
+        assert mounted <= declared
+        environment = service.get("environment", {})
+        assert {k for k in environment if k.startswith("SESSIONS_")} <= known
+        for key, value in environment.items():
+            if key.startswith("SESSIONS_") and str(value).startswith("/run/secrets/"):
+                assert value.removeprefix("/run/secrets/") in mounted, (name, key)
+    for name in ("worker-1", "worker-2", "produce"):
+        environment = secured["services"][name]["environment"]
+        assert environment["SESSIONS_BROKER_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert "SESSIONS_SASL_PASSWORD" not in environment  # from a file, never inline
+        assert "SESSIONS_SASL_PASSWORD_FILE" in environment
+    kafka = secured["services"]["kafka"]["environment"]
+    assert "SASL_SSL://:9094" in kafka["KAFKA_LISTENERS"]
+    assert (
+        kafka["KAFKA_SASL_ENABLED_MECHANISMS"]
+        == (secured["services"]["worker-1"]["environment"]["SESSIONS_SASL_MECHANISM"])
+    )
