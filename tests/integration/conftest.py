@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +14,9 @@ from aiokafka.partitioner import DefaultPartitioner
 from sessions_app.tools import harness
 from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync
 from sessions_app.tools.harness import Item, Record, WorkerProcess
-from sessions_app.tools.loadgen import Session, Verification, verify
+from sessions_app.tools.loadgen import Session, Verification, interleave, verify
 
-__all__ = ["Deployment", "Record", "Worker", "partition_of"]
+__all__ = ["Deployment", "Record", "Worker", "in_phases", "partition_of"]
 
 #: The tests' workers; the harness's, under the name the tests use.
 Worker = WorkerProcess
@@ -27,6 +25,23 @@ Worker = WorkerProcess
 def partition_of(key: bytes, partitions: int) -> int:
     """Return the partition Kafka's default partitioner picks for `key`."""
     return int(DefaultPartitioner()(key, list(range(partitions)), list(range(partitions))))
+
+
+def in_phases(sessions: list[Session], phases: int, seed: int) -> list[list[Item]]:
+    """Cut every session's fragments into `phases` runs; phase i interleaves the i-th runs.
+
+    Every session has fragments in every phase, so a test that acts between two phases
+    acts while every session is open, whatever the timing.
+    """
+    parts: list[list[Session]] = [[] for _ in range(phases)]
+    for session in sessions:
+        size = len(session.fragments)
+        assert size >= phases, f"{session.key!r} has fewer fragments than phases"
+        bounds = [size * i // phases for i in range(phases + 1)]
+        for i in range(phases):
+            run = session.fragments[bounds[i] : bounds[i + 1]]
+            parts[i].append(Session(session.key, [], run))
+    return [[(key, frag, None) for key, frag in interleave(part, seed)] for part in parts]
 
 
 @pytest.fixture(scope="session")
@@ -70,20 +85,6 @@ class Deployment:
     def produce(self, items: Iterable[Item]) -> None:
         """Send (key, value, partition) in order; partition None lets the key choose."""
         harness.produce(self.broker.bootstrap, self.topic("input"), items)
-
-    def produce_paced(self, items: list[Item], seconds: float) -> threading.Thread:
-        """Send items in order, spread over about `seconds`, from a thread; return it running."""
-        chunks = 20
-        size = -(-len(items) // chunks)
-
-        def run() -> None:
-            for start in range(0, len(items), size):
-                self.produce(items[start : start + size])
-                time.sleep(seconds / chunks)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread
 
     def produce_to(self, topic: str, items: Iterable[Item]) -> None:
         harness.produce(self.broker.bootstrap, topic, items)

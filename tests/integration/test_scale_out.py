@@ -16,20 +16,36 @@ from pathlib import Path
 import pytest
 
 from sessions_app.tools.embedded_broker import free_port
-from sessions_app.tools.loadgen import generate, interleave
+from sessions_app.tools.loadgen import Session, generate, interleave
 
-from .conftest import Deployment, Worker
+from .conftest import Deployment, Worker, in_phases
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def stream(deployment: Deployment, seed: int) -> tuple[list, int]:  # type: ignore[type-arg]
-    """Start sending 300 sessions of 20 records over about 8 s; return them and the count."""
-    sessions = generate(f"x{seed}", 300, 20, b"\r\n", seed=seed)
-    total = sum(len(s.records) for s in sessions)
-    items = [(key, frag, None) for key, frag in interleave(sessions, seed=seed)]
-    deployment.produce_paced(items, seconds=8)
-    return sessions, total
+class Stream:
+    """300 sessions of 20 records, sent in three phases around an event.
+
+    Every session has fragments in the last phase, which is sent only after the event:
+    the event happens mid-stream by construction. The second phase is sent just before
+    it, so the worker has input in hand when it comes.
+    """
+
+    def __init__(self, deployment: Deployment, seed: int) -> None:
+        self.deployment = deployment
+        self.sessions = generate(f"x{seed}", 300, 20, b"\r\n", seed=seed)
+        self.total = sum(len(s.records) for s in self.sessions)
+        self.phases = in_phases(self.sessions, 3, seed)
+
+    def until_event(self, workers: list[Worker]) -> None:
+        """Send the first phase, wait until a quarter of all records is out, send the second."""
+        self.deployment.produce(self.phases[0])
+        wait_emitted(workers, self.total // 4)
+        self.deployment.produce(self.phases[1])
+
+    def after_event(self) -> None:
+        """Send the last phase."""
+        self.deployment.produce(self.phases[2])
 
 
 def emitted(workers: list[Worker]) -> int:
@@ -47,7 +63,7 @@ def wait_emitted(workers: list[Worker], at_least: int, timeout: float = 60) -> N
         time.sleep(0.05)
 
 
-def assert_all_out(deployment: Deployment, sessions: list, workers: list[Worker]) -> None:  # type: ignore[type-arg]
+def assert_all_out(deployment: Deployment, sessions: list[Session], workers: list[Worker]) -> None:
     check = deployment.verify(sessions)
     logs = "\n".join(w.log()[-2000:] for w in workers)
     assert check.ok, check.summary() + "\n" + logs
@@ -55,12 +71,15 @@ def assert_all_out(deployment: Deployment, sessions: list, workers: list[Worker]
 
 def test_worker_joins_mid_stream(deployment: Deployment) -> None:
     first = deployment.start_worker("w1")
-    sessions, total = stream(deployment, 21)
-    wait_emitted([first], total // 4)
+    stream = Stream(deployment, 21)
+    stream.until_event([first])
     second = deployment.start_worker("w2")
-    assert_all_out(deployment, sessions, [first, second])
+    stream.after_event()
+    assert_all_out(deployment, stream.sessions, [first, second])
     owned = [len(w.stats()["live_sessions_by_partition"]) for w in (first, second)]
     assert sorted(owned) == [2, 2], owned
+    # The worker that joined took its share of what came after it joined.
+    assert second.stats()["totals"]["records_emitted"] > 0
 
 
 @pytest.mark.parametrize("leave", ["stop", "kill9"])
@@ -68,10 +87,11 @@ def test_worker_leaves_mid_stream(deployment: Deployment, leave: str) -> None:
     """A worker stopped (SIGTERM) or killed (SIGKILL) mid-stream: the other takes over."""
     first = deployment.start_worker("w1")
     second = deployment.start_worker("w2")
-    sessions, total = stream(deployment, 22 if leave == "stop" else 23)
-    wait_emitted([first, second], total // 4)
+    stream = Stream(deployment, 22 if leave == "stop" else 23)
+    stream.until_event([first, second])
     getattr(second, leave)()
-    assert_all_out(deployment, sessions, [first, second])
+    stream.after_event()
+    assert_all_out(deployment, stream.sessions, [first, second])
     assert len(first.stats()["live_sessions_by_partition"]) == 4
 
 
@@ -149,7 +169,8 @@ def test_procfile_runs_two_workers_with_honcho(deployment: Deployment, tmp_path:
                 + log_path.read_text(errors="replace")[-4000:]
             )
             time.sleep(0.2)
-        sessions, _ = stream(deployment, 24)
+        sessions = generate("x24", 300, 20, b"\r\n", seed=24)
+        deployment.produce([(key, frag, None) for key, frag in interleave(sessions, seed=24)])
         check = deployment.verify(sessions)
         assert check.ok, check.summary() + "\n" + log_path.read_text(errors="replace")[-4000:]
         # Each worker has its own RocksDB directory under the data dir, named by its port.
