@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
-from .conftest import Deployment, Record
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from sessions_app.tools import harness
+
+from .conftest import Deployment, Record, Worker
 
 
 def remnant_sessions(prefix: str, n: int) -> dict[bytes, bytes]:
     """Sessions that each leave an unfinished remnant: session ID -> remnant."""
-    return {f"{prefix}-{i:05d}".encode(): f"remnant {i} \x00\xff".encode() for i in range(n)}
-
-
-def send_remnants(deployment: Deployment, sessions: dict[bytes, bytes]) -> None:
-    deployment.produce([(key, b"done\r\n" + tail, None) for key, tail in sessions.items()])
+    return dict(harness.remnant_sessions(prefix, 0, n))
 
 
 def by_session(records: list[Record]) -> dict[bytes, list[Record]]:
@@ -29,12 +30,17 @@ def test_idle_sessions_are_flushed_exactly_once_and_deleted(deployment: Deployme
     deployment.env["SESSIONS_IDLE_TIMEOUT"] = "1"
     worker = deployment.start_worker()
     sessions = remnant_sessions("idle", 300)
-    send_remnants(deployment, sessions)
-    # One session keeps talking and must outlive the others.
-    for _ in range(12):
+    deployment.send_remnants(sessions)
+    # One session keeps talking, a fragment as soon as the last one is in, until the
+    # others are gone: it must outlive them.
+    chatty = 0
+    while True:
         deployment.produce([(b"chatty", b"x", None)])
-        time.sleep(0.25)
-    stats = worker.wait_until(lambda s: s["totals"]["sessions_expired"] >= 300, "300 expired")
+        chatty += 1
+        stats = worker.wait_for("fragments_consumed", len(sessions) + chatty)
+        if stats["totals"]["sessions_expired"] >= 300:
+            break
+    assert stats["totals"]["sessions_expired"] == 300
     assert stats["live_sessions"] == 1
     expired = deployment.read("expired", 300)
     flushed = by_session(expired)
@@ -46,22 +52,83 @@ def test_idle_sessions_are_flushed_exactly_once_and_deleted(deployment: Deployme
             b"idle",
             b"1",
         )
-    time.sleep(2.5)
-    (chatty,) = by_session(deployment.read("expired", 301, timeout=5))[b"chatty"]
-    assert chatty.value == b"x" * 12
+    # Silent now, the chatty session goes too, with everything it said.
+    worker.wait_for("sessions_expired", 301)
+    flushed = by_session(deployment.read("expired", 301))
+    assert sum(map(len, flushed.values())) == 301
+    (last,) = flushed[b"chatty"]
+    assert last.value == b"x" * chatty
+
+
+def expired_topic_end(deployment: Deployment) -> int:
+    """Return how many records the expired topic holds, from its end offsets.
+
+    The workers send one record per producer batch here, the case whose end offsets the
+    embedded broker reports right (shared/BROKER.md).
+    """
+
+    async def total() -> int:
+        consumer = AIOKafkaConsumer(bootstrap_servers=deployment.broker.bootstrap)
+        await consumer.start()
+        try:
+            topic = deployment.topic("expired")
+            tps = [TopicPartition(topic, p) for p in range(deployment.partitions)]
+            return sum((await consumer.end_offsets(tps)).values())
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(total())
+
+
+def kill_mid_flush(deployment: Deployment, worker: Worker, sent_before: int) -> None:
+    """Kill the worker while remnants it sent are on the expired topic but not yet counted.
+
+    A sweep step counts its sessions as expired only after its last step (markers
+    deleted); remnants on the expired topic beyond that count, with the count unchanged
+    after they were seen, mean a step is between sending and deleting its markers.
+    """
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        counted = worker.stats()["totals"]["sessions_expired"]
+        sent = expired_topic_end(deployment) - sent_before
+        if sent > counted and worker.stats()["totals"]["sessions_expired"] == counted:
+            worker.kill9()
+            return
+    raise AssertionError(f"never caught a flush between its steps\n{worker.log()[-3000:]}")
 
 
 def test_kill_9_during_expiry_neither_loses_nor_repeats_a_flush(deployment: Deployment) -> None:
+    """Killed mid-sweep until a restart finds an idle flush the kill interrupted, and settles it.
+
+    Each kill comes once a sweep step's remnants are on the expired topic and its markers
+    not yet deleted (kill_mid_flush). The step may still finish in the milliseconds
+    before the kill lands, so the worker is restarted and killed again, at most four
+    times, until a restart reports a settled marker.
+    """
     deployment.env["SESSIONS_IDLE_TIMEOUT"] = "2"
     worker = deployment.start_worker()
-    sessions = remnant_sessions("crash", 20_000)
-    send_remnants(deployment, sessions)
-    worker.wait_until(lambda s: s["totals"]["sessions_expired"] >= 3000, "expiry under way")
-    worker.kill9()
-    worker.start()
+    sessions = remnant_sessions("crash", 8_000)
+    # Remnants alone: no record out before the expiry, which is what this test is about.
+    deployment.produce([(key, tail, None) for key, tail in sessions.items()])
+    sent_before = 0
+    for kills in range(1, 5):
+        kill_mid_flush(deployment, worker, sent_before)
+        sent_before = expired_topic_end(deployment)
+        worker.start()
+        # Markers are settled before a sweep expires anything: once one has, or none is
+        # left to expire, the count is final for this run.
+        stats = worker.wait_until(
+            lambda s: s["totals"]["sessions_expired"] > 0 or s["live_sessions"] == 0,
+            "markers settled",
+        )
+        if stats["totals"]["interrupted_flushes_settled"] > 0:
+            break
+        assert stats["live_sessions"] > 0, f"no kill of {kills} interrupted a flush"
+    else:
+        raise AssertionError("four kills, none between a flush's steps")
     worker.wait_until(lambda s: s["live_sessions"] == 0, "all sessions expired", timeout=90)
-    time.sleep(3)  # an expired session that came back would expire a second time now
-    flushed = by_session(deployment.read("expired", len(sessions), timeout=60))
+    # An expired session that came back would be live again, or flushed a second time.
+    flushed = by_session(deployment.read("expired", len(sessions)))
     repeated = {key: len(v) for key, v in flushed.items() if len(v) > 1}
     assert not repeated, f"{len(repeated)} sessions flushed more than once"
     assert set(flushed) == set(sessions)
@@ -72,7 +139,7 @@ def test_kill_9_during_expiry_neither_loses_nor_repeats_a_flush(deployment: Depl
 def test_live_counts_survive_restart_and_partition_moves(deployment: Deployment) -> None:
     first = deployment.start_worker("w1")
     sessions = remnant_sessions("count", 400)
-    send_remnants(deployment, sessions)
+    deployment.send_remnants(sessions)
     first.wait_until(lambda s: s["live_sessions"] == 400, "400 live")
 
     first.stop()
@@ -148,7 +215,7 @@ def test_cap_rejects_new_sessions_to_the_dead_letter_topic(deployment: Deploymen
     deployment.env["SESSIONS_CAP_POLICY"] = "reject"
     worker = deployment.start_worker()
     sessions = remnant_sessions("reject", 80)
-    send_remnants(deployment, sessions)
+    deployment.send_remnants(sessions)
     stats = worker.wait_until(lambda s: s["totals"]["dead_letters"] == 30, "30 rejected")
     assert stats["live_sessions"] == 50
     rejected = deployment.read("dlq", 30)
