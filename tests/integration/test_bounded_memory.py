@@ -136,6 +136,34 @@ def test_kill_9_during_expiry_neither_loses_nor_repeats_a_flush(deployment: Depl
     assert worker.stats()["live_sessions"] == 0
 
 
+def test_an_expired_session_stays_gone_where_its_partition_moves(deployment: Deployment) -> None:
+    """Sessions expired on one worker do not come back on a worker with an empty data dir.
+
+    The second worker rebuilds buffers and idle index from the changelog. An expired
+    session that came back would be live there, or be flushed again by its first sweep,
+    which runs before it expires the probe sent after it started; a new fragment for an
+    expired session must start a new session at seq 0.
+    """
+    deployment.env["SESSIONS_IDLE_TIMEOUT"] = "1"
+    first = deployment.start_worker("w1")
+    sessions = remnant_sessions("gone", 200)
+    deployment.send_remnants(sessions)
+    first.wait_for("sessions_expired", 200)
+    first.stop()
+
+    second = deployment.start_worker("w2")
+    assert second.stats()["live_sessions"] == 0
+    gone = next(iter(sessions))
+    deployment.produce([(gone, b"new\r\n", None), (b"probe", b"tail", None)])
+    second.wait_for("sessions_expired", 2)
+    flushed = by_session(deployment.read("expired", 201))
+    assert sum(map(len, flushed.values())) == 201
+    assert set(flushed) == {*sessions, b"probe"}
+    assert [(r.value, r.headers["reason"]) for r in flushed[b"probe"]] == [(b"tail", b"idle")]
+    output = by_session(deployment.read("output", 201))
+    assert [(r.value, r.headers["seq"]) for r in output[gone]] == [(b"done", b"0"), (b"new", b"0")]
+
+
 def test_live_counts_survive_restart_and_partition_moves(deployment: Deployment) -> None:
     first = deployment.start_worker("w1")
     sessions = remnant_sessions("count", 400)
