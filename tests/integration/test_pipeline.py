@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from aiokafka.partitioner import DefaultPartitioner
+import asyncio
 
 from sessions_app.core.keys import buffer_key
-from sessions_app.core.session_state import SessionState
+from sessions_app.tools import harness
 from sessions_app.tools.embedded_broker import create_topics_sync
-from sessions_app.tools.loadgen import Verification, generate, interleave
+from sessions_app.tools.loadgen import Session, Verification, generate, interleave
 
-from .conftest import Deployment
+from .conftest import Deployment, partition_of
 
 DELIMITER = b"\r\n"
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner picks for `key`."""
-    return int(DefaultPartitioner()(key, list(range(partitions)), list(range(partitions))))
 
 
 def test_fragmented_sessions_come_out_whole_in_order_and_numbered(deployment: Deployment) -> None:
@@ -99,16 +94,74 @@ def test_tombstone_closes_the_session_and_flushes_its_tail(deployment: Deploymen
     (expired,) = deployment.read("expired", 1)
     assert (expired.key, expired.value, expired.partition) == (b"s", b"remnant", p)
     assert expired.headers["reason"] == b"closed"
-    assert deployment.workers[0].stats()["totals"]["sessions_closed"] == 1  # type: ignore[index]
+    assert deployment.workers[0].stats()["totals"]["sessions_closed"] == 1
 
 
-def test_stored_buffer_layout_is_what_the_changelog_holds(deployment: Deployment) -> None:
-    deployment.start_worker()
-    deployment.produce([(b"k", b"rec\r\npart", 2)])
-    deployment.read("output", 1)
-    changelog = f"{deployment.env['SESSIONS_APP_ID']}-session_buffers-changelog"
-    deployment.env["SESSIONS_CHANGELOG_TOPIC"] = changelog
-    (entry,) = [r for r in deployment.read("changelog", 2) if r.key == buffer_key(b"k")]
-    state = SessionState.decode(entry.value or b"")
-    assert (entry.key, entry.partition) == (buffer_key(b"k"), 2)
-    assert (state.applied_offset, state.next_seq, state.pending) == (0, 1, b"part")
+def split_unfinished(session: Session, delimiter: bytes) -> tuple[Session, Session]:
+    """Split a session's fragments in two, the first part ending inside a record."""
+    cut = len(session.fragments) // 2
+    while b"".join(session.fragments[:cut]).endswith(delimiter) or cut == 0:
+        cut += 1
+    head = Session(session.key, [], session.fragments[:cut])
+    return head, Session(session.key, [], session.fragments[cut:])
+
+
+def test_a_handover_keeps_partitions_buffers_and_uncommitted_input(deployment: Deployment) -> None:
+    """Records come out whole on their input's partition after a handover to an empty worker.
+
+    With the default delimiter (\\n), sessions are sent to a partition other than their
+    key's hash partition. The first worker takes the first part of the sessions of
+    partitions 0-2, each ending inside a record, and stops: it committed 0-2, and
+    partition 3 had nothing to commit. Then the rest arrives, 60,000 small fragments
+    among it, and a second worker with an empty data dir takes over: it rebuilds the
+    buffers from the changelog and finishes the records begun on the first, reads
+    partition 3, which never committed, from its start, and applies the backlog in
+    batches of at most SESSIONS_BATCH_FRAGMENTS.
+    """
+    del deployment.env["SESSIONS_DELIMITER"]
+    deployment.env["SESSIONS_BATCH_FRAGMENTS"] = "10000"
+    n = deployment.partitions
+    sessions = generate("h", 80, 6, b"\n", seed=13)
+    target = {s.key: (partition_of(s.key, n) + 1) % n for s in sessions}
+    early = [s for s in sessions if target[s.key] != 3]
+    late = [s for s in sessions if target[s.key] == 3]
+    assert early and late
+    heads, tails = zip(*(split_unfinished(s, b"\n") for s in early), strict=True)
+
+    def sent(part: list[Session]) -> list[harness.Item]:
+        return [(key, fragment, target[key]) for key, fragment in interleave(part, seed=13)]
+
+    first = deployment.start_worker("w1")
+    deployment.produce(sent(list(heads)))
+    first.wait_for("fragments_consumed", sum(len(s.fragments) for s in heads))
+    first.stop()
+    committed = asyncio.run(
+        harness.committed_offsets(
+            deployment.broker.bootstrap,
+            deployment.env["SESSIONS_APP_ID"],
+            deployment.topic("input"),
+            n,
+        )
+    )
+    assert committed[3] is None and None not in [committed[p] for p in range(3)], committed
+
+    bulk: list[harness.Item] = []
+    for _ in range(600):
+        bulk += [(f"bulk-{i}".encode(), b"x", None) for i in range(100)]
+    deployment.produce(sent(list(tails) + late) + bulk)
+    second = deployment.start_worker("w2")
+    deployment.produce([(f"bulk-{i}".encode(), b"\n", None) for i in range(100)])
+
+    check = deployment.verify(sessions)
+    assert check.ok, check.summary() + second.log()[-3000:]
+    out = deployment.read("output", check.received + 100)
+    for record in out:
+        if record.key in target:
+            assert record.partition == target[record.key] != partition_of(record.key, n)
+    bulk_out = [r for r in out if r.key not in target]
+    assert sorted((r.key, r.value, r.headers["seq"]) for r in bulk_out) == sorted(
+        (f"bulk-{i}".encode(), b"x" * 600, b"0") for i in range(100)
+    )
+    stats = second.wait_for("fragments_consumed", len(bulk) + 100)
+    assert stats["largest_batch_fragments"] <= 10_000, stats
+    assert stats["totals"]["batches_applied"] >= 7, stats
