@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sessions_app.tools import harness
 from sessions_app.tools.embedded_broker import free_port
 from sessions_app.tools.loadgen import Session, generate, interleave
 
@@ -93,6 +95,46 @@ def test_worker_leaves_mid_stream(deployment: Deployment, leave: str) -> None:
     stream.after_event()
     assert_all_out(deployment, stream.sessions, [first, second])
     assert len(first.stats()["live_sessions_by_partition"]) == 4
+
+
+def test_missing_topics_are_created_and_a_worker_beyond_the_partitions_idles(
+    deployment: Deployment,
+) -> None:
+    """The worker creates missing topics with SESSIONS_PARTITIONS; a second worker finds none.
+
+    One partition (the broker would give an auto-created topic 4): the first worker
+    creates every topic with one, the second joins and owns nothing, and the first
+    does all the work.
+    """
+    for name in ("input", "output", "expired", "dlq", "alerts"):
+        deployment.env[f"SESSIONS_{name.upper()}_TOPIC"] = f"{deployment.topic(name)}-new"
+    deployment.env["SESSIONS_PARTITIONS"] = "1"
+    first = deployment.start_worker("w1")
+    topics = asyncio.run(harness.topic_partitions(deployment.broker.bootstrap))
+    changelog = f"{deployment.env['SESSIONS_APP_ID']}-session_buffers-changelog"
+    names = [deployment.topic(n) for n in ("input", "output", "expired", "dlq", "alerts")]
+    assert {name: topics.get(name) for name in [*names, changelog]} == dict.fromkeys(
+        [*names, changelog], 1
+    )
+
+    second = deployment.start_worker("w2")
+    workers = [first, second]
+
+    def owned() -> list[int]:
+        return [len(w.stats()["live_sessions_by_partition"]) for w in workers]
+
+    deadline = time.monotonic() + 30
+    while sorted(owned()) != [0, 1]:
+        assert time.monotonic() < deadline, f"partitions owned: {owned()}"
+        time.sleep(0.05)
+    busy, idle = workers if owned()[0] else workers[::-1]
+    sessions = generate("one", 50, 10, b"\r\n", seed=31)
+    deployment.produce([(key, frag, None) for key, frag in interleave(sessions, seed=31)])
+    assert_all_out(deployment, sessions, workers)
+    stats = idle.stats()
+    assert stats["live_sessions_by_partition"] == {}, stats
+    assert (stats["totals"]["fragments_consumed"], stats["totals"]["records_emitted"]) == (0, 0)
+    assert busy.stats()["totals"]["records_emitted"] == 500
 
 
 def consecutive_free_ports(count: int) -> int:
