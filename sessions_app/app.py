@@ -29,6 +29,7 @@ from sessions_app.stream.broker import BrokerRefused, partition_counts
 from sessions_app.stream.delivery import Delivery
 from sessions_app.stream.expiry import IdleExpiry
 from sessions_app.stream.monitoring import CapacityMonitor, LoopStallMonitor
+from sessions_app.stream.partitions import PartitionMonitor
 from sessions_app.stream.pipeline import Pipeline
 from sessions_app.stream.tables import declare_session_buffers
 from sessions_app.stream.topics import copartitioning_problem, declare_topics
@@ -121,6 +122,14 @@ class SessionsApp(faust.App):
         # Services started with the worker once its tables are recovered, stopped with it.
         self.idle_expiry = IdleExpiry(self, self.pipeline, settings)
         self.loop_stalls = LoopStallMonitor(tuning.stall_probe_period, tuning.stall_window)
+        self.partition_monitor = PartitionMonitor(
+            self,
+            settings,
+            self.pipeline,
+            self.delivery,
+            self.session_topics.alerts,
+            self.capacity.worker,
+        )
         self.history = HistorySampler(
             tuning.history_period,
             tuning.history_samples,
@@ -128,7 +137,12 @@ class SessionsApp(faust.App):
             lambda: sum(self.pipeline.live_sessions().values()),
             self.heap_snapshots.last_size,
         )
-        self._sessions_services: list[Service] = [self.idle_expiry, self.loop_stalls, self.history]
+        self._sessions_services: list[Service] = [
+            self.idle_expiry,
+            self.loop_stalls,
+            self.partition_monitor,
+            self.history,
+        ]
         self._sessions_services_started = False
 
     def _new_consumer(self) -> IntakeConsumer:

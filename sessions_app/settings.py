@@ -49,6 +49,8 @@ class Tuning:
     stall_window: float = 10.0
     #: /livez fails when the stall probe has not woken up for this long.
     liveness_timeout: float = 10.0
+    #: How often partition offsets are read from the broker and stalls looked for.
+    progress_period: float = 2.0
     #: The dashboard's history: a sample every period, an hour of them.
     history_period: float = 10.0
     history_samples: int = 360
@@ -82,6 +84,7 @@ class Settings:
     max_buffer_bytes: int = 1024 * 1024
     alerts_topic: str = "sessions-alerts"
     heap_min_interval: float = 30.0
+    stall_timeout: float = 60.0
     web_token: str | None = field(default=None, repr=False)
     standby_replicas: int = 1
     batch_fragments: int = 20_000
@@ -181,6 +184,7 @@ class Settings:
             heap_min_interval=get(
                 "HEAP_MIN_INTERVAL", _float_range(1.0, 86400.0), d.heap_min_interval
             ),
+            stall_timeout=get("STALL_TIMEOUT", _float_range(1.0, 86400.0), d.stall_timeout),
             web_token=get("WEB_TOKEN", _token, d.web_token),
             standby_replicas=get("STANDBY_REPLICAS", _int_range(0, 10), d.standby_replicas),
             batch_fragments=get(

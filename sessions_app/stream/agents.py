@@ -8,11 +8,13 @@ persisted it. Found by Faust's autodiscover (sessions_app.app.DISCOVERED).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sessions_app.app import app
 from sessions_app.core.batch import ByPartition
 from sessions_app.engine.intake import IntakeConsumer
+from sessions_app.stream.pipeline import StoreRefused
 
 
 @app.agent(app.session_topics.fragments)
@@ -49,9 +51,15 @@ async def reassemble_sessions(stream: Any) -> None:
                     if partition in mine:
                         batch.setdefault(partition, []).extend(fragments)
         if batch:
-            async with pipeline.lock:
-                await expiry.resolve_interrupted_flushes(set(batch))
-                await pipeline.process(batch)
+            try:
+                async with pipeline.lock:
+                    await expiry.resolve_interrupted_flushes(set(batch))
+                    await pipeline.process(batch)
+            except StoreRefused:
+                # RocksDB refuses every write until reopened: apply nothing more, ack nothing.
+                # The alarm is up; the partition monitor stops the worker after
+                # SESSIONS_STALL_TIMEOUT, and a restart recovers from the changelog.
+                await asyncio.Event().wait()
             # A rebalance while the batch was applied: leave it unacked. Its partitions were
             # seeked back to their committed offsets and read it again (skipped as applied);
             # an ack now would count offsets of partitions that moved or came back.

@@ -28,7 +28,7 @@ from sessions_app.core import keys
 from sessions_app.core.batch import OutRecord, remnant
 from sessions_app.core.session_state import SessionState
 from sessions_app.settings import Settings
-from sessions_app.stream.pipeline import ChangeSet, PartitionChanges, Pipeline
+from sessions_app.stream.pipeline import ChangeSet, PartitionChanges, Pipeline, StoreRefused
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,12 @@ class IdleExpiry(Service):
 
     async def expire_idle_sessions(self) -> None:
         """Flush and delete every session idle for longer than SESSIONS_IDLE_TIMEOUT."""
-        while self.ready():
+        while self.ready() and self.pipeline.store_failure is None:
             async with self.pipeline.lock:
-                done = await self.sweep_step()
+                try:
+                    done = await self.sweep_step()
+                except StoreRefused:
+                    return  # the partition monitor stops the worker; a restart recovers
             if done:
                 return
             await asyncio.sleep(0)

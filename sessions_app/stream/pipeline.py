@@ -27,6 +27,7 @@ from sessions_app.core.batch import (
     remnant,
 )
 from sessions_app.core.capacity import Candidate, choose_evictions
+from sessions_app.core.progress import PartitionProgress
 from sessions_app.core.session_state import SessionState
 from sessions_app.core.totals import PipelineTotals
 from sessions_app.engine.store import PreparedWrite, SessionStore, prepare_write
@@ -36,6 +37,21 @@ from sessions_app.stream.monitoring import CapacityMonitor
 from sessions_app.stream.topics import SessionTopics
 
 logger = logging.getLogger(__name__)
+
+
+class StoreRefused(RuntimeError):
+    """RocksDB refused a write (a full disk, an I/O error): it refuses every one until reopened.
+
+    Nothing is lost: the changelog has the change, and a restarted worker recovers it.
+    """
+
+
+@dataclass(frozen=True)
+class StoreFailure:
+    """Why and since when the session store refuses writes."""
+
+    cause: str
+    since: float
 
 
 @dataclass
@@ -164,6 +180,10 @@ class Pipeline:
         self.clock = ActivityClock()
         #: The most fragments one batch has held (bounded by SESSIONS_BATCH_FRAGMENTS).
         self.largest_batch = 0
+        #: Set when RocksDB first refuses a write; the worker stops applying then.
+        self.store_failure: StoreFailure | None = None
+        #: Per input partition: the last offset applied and how many fragments, with when.
+        self.progress = PartitionProgress()
 
     @property
     def store(self) -> SessionStore:
@@ -238,6 +258,10 @@ class Pipeline:
         # Counted once delivered and persisted: a total seen in the stats is done.
         totals = self.totals
         batch_size = sum(len(consumed[p]) for p in applied)
+        now = time.time()
+        for partition in applied:
+            fragments = consumed[partition]
+            self.progress.applied(partition, fragments[-1].offset, len(fragments), now)
         totals.fragments_consumed += batch_size
         totals.batches_applied += 1
         self.largest_batch = max(self.largest_batch, batch_size)
@@ -290,6 +314,8 @@ class Pipeline:
         Work that needs no broker (encoding, building write batches) is done while
         the broker acknowledges the step before.
         """
+        if self.store_failure is not None:
+            raise StoreRefused(self.store_failure.cause)
         delivery = self.delivery
         # 1. Outputs, remnants and dead letters handed over; states encoded meanwhile; acked.
         outputs = await delivery.send(change.outputs, change.dead_letters)
@@ -314,7 +340,16 @@ class Pipeline:
                     "Partition %d revoked before its write; left to the changelog", partition
                 )
                 continue
-            opened.commit(batches[partition], offsets[partition])
+            try:
+                opened.commit(batches[partition], offsets[partition])
+            except Exception as exc:
+                self.store_failure = StoreFailure(str(exc), time.time())
+                logger.error(
+                    "The session store refuses writes (%s): applying stops; the changelog "
+                    "holds every change for the worker that recovers it",
+                    exc,
+                )
+                raise StoreRefused(str(exc)) from exc
         change.committed()
         # 4. The caller acks the input offsets: Faust commits them only now.
 

@@ -12,7 +12,10 @@ from sessions_app.web.stats import session_stats
 
 
 def metric_families(
-    stats: dict[str, Any], max_sessions: int, heap_bytes: int | None
+    stats: dict[str, Any],
+    max_sessions: int,
+    heap_bytes: int | None,
+    stalled_partitions: frozenset[int] = frozenset(),
 ) -> Iterator[Metric]:
     """Yield the metric families for one `/sessions/` stats dict."""
     live = GaugeMetricFamily(
@@ -39,6 +42,32 @@ def metric_families(
     )
     for name, value in stats["rocksdb"].items():
         yield GaugeMetricFamily(f"sessions_rocksdb_{name}", f"RocksDB {name}", value=value)
+    partitions = stats["partitions"]
+    for name, key, text in (
+        ("sessions_consumer_lag", "lag", "Input records after the group's committed offset"),
+        ("sessions_consumer_committed_offset", "committed_offset", "The group's committed offset"),
+        ("sessions_consumer_end_offset", "end_offset", "The input partition's end offset"),
+        ("sessions_partition_fragments_per_second", "fragments_per_second", "Fragments/s, 1 min"),
+        ("sessions_partition_seconds_since_progress", "seconds_since_progress", "Since progress"),
+    ):
+        family = GaugeMetricFamily(name, text, labels=["partition"])
+        for partition, values in partitions.items():
+            if values[key] is not None:
+                family.add_metric([partition], values[key])
+        yield family
+    stalled = GaugeMetricFamily(
+        "sessions_partition_stalled",
+        "1 while the partition's stall alarm is raised",
+        labels=["partition"],
+    )
+    for partition in partitions:
+        stalled.add_metric([partition], 1 if int(partition) in stalled_partitions else 0)
+    yield stalled
+    yield GaugeMetricFamily(
+        "sessions_store_refuses_writes",
+        "1 once the session store has refused a write",
+        value=0 if stats["store"] is None else 1,
+    )
     yield GaugeMetricFamily(
         "sessions_event_loop_max_stall_ms",
         "Longest event-loop stall",
@@ -61,7 +90,10 @@ class SessionsCollector:
     def collect(self) -> Iterator[Metric]:
         app = self.app
         return metric_families(
-            session_stats(app), app.settings.max_sessions, app.heap_snapshots.last_size()
+            session_stats(app),
+            app.settings.max_sessions,
+            app.heap_snapshots.last_size(),
+            frozenset(app.partition_monitor.stalls.stalled),
         )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import asdict
 from typing import Any
 
 from sessions_app.stream.monitoring import process_rss_bytes
@@ -10,6 +12,9 @@ from sessions_app.stream.monitoring import process_rss_bytes
 
 def readiness(app: Any) -> str | None:
     """Return why the worker cannot take traffic now, or None when it can."""
+    failure = app.pipeline.store_failure
+    if failure is not None:
+        return f"the session store refuses writes: {failure.cause}"
     if app.rebalancing:
         return "a rebalance is under way"
     if not app.tables.recovery.completed.is_set():
@@ -39,4 +44,8 @@ def session_stats(app: Any) -> dict[str, Any]:
         "process_rss_bytes": process_rss_bytes(),
         "rocksdb": pipeline.store.memory_usage(),
         "event_loop": app.loop_stalls.as_dict(asyncio.get_running_loop().time()),
+        "partitions": pipeline.progress.as_dict(time.time()),
+        "store": None
+        if pipeline.store_failure is None
+        else {"state": "refuses writes", **asdict(pipeline.store_failure)},
     }

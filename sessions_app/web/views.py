@@ -2,7 +2,7 @@
 
 GET /sessions/   live sessions (total, per partition), cap, alarm, totals, memory
 GET /heap/       heapy statistics (?format=text, ?diff=baseline, ?top=N); token if set
-GET /alarms/     active alarms and the last 100 transitions
+GET /alarms/     active alarms (capacity, stalled partitions, store) and the last 100 transitions
 GET /history/    the dashboard's samples of the last hour
 GET /metrics     Prometheus text format; token if set
 GET /livez       200 while the event loop turns, 503 otherwise (for an orchestrator's probe)
@@ -139,7 +139,11 @@ class AlarmsView(ReadOnlyView):
                 }
             ]
         )
-        return self.json({"active": active, "transitions": state["transitions"]})
+        monitor = self.app.partition_monitor
+        transitions = sorted(
+            [*state["transitions"], *monitor.transitions()], key=lambda e: float(e["time"])
+        )[-100:]
+        return self.json({"active": active + monitor.alarms(), "transitions": transitions})
 
 
 @blueprint.route("/history/", name="history")

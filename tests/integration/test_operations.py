@@ -1,0 +1,180 @@
+"""Running it in production: lag and progress per partition, a real stall, a store that fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync
+from sessions_app.tools.loadgen import generate, interleave
+
+from .conftest import Deployment, Worker
+
+
+def alarms(worker: Worker) -> dict[str, Any]:
+    return json.loads(worker.get("/alarms/"))  # type: ignore[no-any-return]
+
+
+def readyz(worker: Worker) -> tuple[int, dict[str, Any]]:
+    try:
+        return 200, json.loads(worker.get("/readyz"))
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_lag_and_progress_per_partition_in_stats_and_metrics(deployment: Deployment) -> None:
+    worker = deployment.start_worker()
+    # 100 records to each of the 4 partitions, each fragment a complete record.
+    deployment.produce([(b"s%d" % i, b"record\r\n", i % 4) for i in range(400)])
+
+    def caught_up(stats: dict[str, Any]) -> bool:
+        parts = stats["partitions"]
+        return len(parts) == 4 and all(
+            p["committed_offset"] == 100 and p["end_offset"] == 100 for p in parts.values()
+        )
+
+    stats = worker.wait_until(caught_up, "offsets committed and read back", timeout=60)
+    for partition in stats["partitions"].values():
+        assert partition["lag"] == 0
+        assert partition["applied_offset"] == 99
+        assert partition["fragments_per_second"] == pytest.approx(100 / 60, abs=0.1)
+        assert 0 <= partition["seconds_since_progress"] < 60
+    metrics = worker.get("/metrics").decode()
+    for p in range(4):
+        assert re.search(rf'^sessions_consumer_lag{{partition="{p}"}} 0\.0$', metrics, re.M)
+        assert re.search(
+            rf'^sessions_consumer_committed_offset{{partition="{p}"}} 100\.0$', metrics, re.M
+        )
+        assert re.search(rf'^sessions_partition_stalled{{partition="{p}"}} 0\.0$', metrics, re.M)
+    assert alarms(worker)["active"] == []
+
+
+@pytest.fixture
+def own_broker() -> Iterator[EmbeddedBroker]:
+    """A broker of the test's own: it gets frozen."""
+    with EmbeddedBroker() as running:
+        yield running
+
+
+def test_a_partition_that_stops_moving_raises_the_stall_alarm_and_clears_it(
+    own_broker: EmbeddedBroker, deployment: Deployment
+) -> None:
+    deployment.broker = own_broker
+    deployment.env["SESSIONS_BROKER_URL"] = own_broker.url
+    deployment.env["SESSIONS_STALL_TIMEOUT"] = "3"
+    deployment.env["SESSIONS_PARTITIONS"] = "1"
+    # No restart here: the producer may batch as in production, so a batch takes well under
+    # the stall timeout and only the freeze below stalls the partition.
+    del deployment.env["SESSIONS_PRODUCER_MAX_BATCH_SIZE"]
+    for name in ("INPUT", "OUTPUT", "EXPIRED", "DLQ", "ALERTS"):
+        create_topics_sync(own_broker.bootstrap, [deployment.env[f"SESSIONS_{name}_TOPIC"]], 1)
+    worker = deployment.start_worker()
+    sessions = generate("stall", 2_000, 20, b"\r\n", seed=7)
+    deployment.produce([(key, frag, 0) for key, frag in interleave(sessions, seed=7)])
+    # The worker is at it and the monitor has seen lag: freeze the broker under it. The
+    # batch in hand waits for acknowledgements that cannot come: a real stall.
+    worker.wait_until(
+        lambda s: s["totals"]["fragments_consumed"] > 0 and (s["partitions"]["0"]["lag"] or 0) > 0,
+        "processing, with lag seen",
+    )
+    assert alarms(worker)["transitions"] == [], "a stall before the freeze: slow the load"
+    assert own_broker.process is not None
+    own_broker.process.send_signal(signal.SIGSTOP)
+    try:
+        raised = worker.wait_until(
+            lambda _: any(a["alarm"] == "stalled" for a in alarms(worker)["active"]),
+            "the stall alarm raised",
+            timeout=30,
+        )
+        (stall,) = [a for a in alarms(worker)["active"] if a["alarm"] == "stalled"]
+        assert stall["partition"] == 0 and stall["lag"] > 0
+        assert raised["partitions"]["0"]["seconds_since_progress"] >= 3
+        assert "Partition 0 stalled" in worker.log()
+    finally:
+        own_broker.process.send_signal(signal.SIGCONT)
+    worker.wait_until(lambda _: alarms(worker)["active"] == [], "the stall alarm cleared", 90)
+    states = [(t["alarm"], t["state"]) for t in alarms(worker)["transitions"]]
+    assert ("stalled", "raised") in states and ("stalled", "cleared") in states
+    # The same two events reach the alerts topic, and nothing of the stream was lost.
+    events = [
+        json.loads(r.value or b"{}")
+        for r in deployment.read_until(
+            "alerts",
+            lambda rs: sum(json.loads(r.value or b"{}").get("alarm") == "stalled" for r in rs) >= 2,
+        )
+    ]
+    assert [e["state"] for e in events if e["alarm"] == "stalled"] == ["raised", "cleared"]
+    assert deployment.verify(sessions).ok
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs: a disk that fills up."""
+    assert os.geteuid() == 0, "mounting a tmpfs needs root, as the test machines have"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_store_that_refuses_writes_alarms_turns_unready_and_stops_the_worker(
+    deployment: Deployment, small_disk: Path
+) -> None:
+    deployment.env["SESSIONS_STALL_TIMEOUT"] = "3"
+    worker = deployment.worker()
+    worker.data_dir = small_disk / "data"
+    worker.start()
+    sessions = generate("disk", 300, 10, b"\r\n", seed=3)
+    first, second = sessions[:150], sessions[150:]
+    deployment.produce([(k, f, None) for k, f in interleave(first, seed=3)])
+    assert deployment.verify(first).ok
+    # The disk fills up (another tenant's logs, say): RocksDB's next write fails.
+    with (small_disk / "filler").open("wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * (1 << 20))
+                filler.flush()
+        except OSError:
+            pass
+    deployment.produce([(k, f, None) for k, f in interleave(second, seed=3)])
+
+    status, body = 0, {}
+    deadline = time.monotonic() + 30
+    while status != 503 and time.monotonic() < deadline:
+        status, body = readyz(worker)
+        time.sleep(0.1)
+    assert status == 503, body
+    assert body["reason"].startswith("the session store refuses writes: ")
+    assert "No space left on device" in body["reason"]
+    (store,) = [a for a in alarms(worker)["active"] if a["alarm"] == "store"]
+    assert "No space left on device" in store["cause"]
+    # After SESSIONS_STALL_TIMEOUT the worker stops, non-zero, for an orchestrator to act.
+    assert worker.process is not None
+    assert worker.process.wait(timeout=60) != 0
+    assert "Stopping: the session store refuses writes" in worker.log()
+    events = [json.loads(r.value or b"{}") for r in deployment.read("alerts", 1)]
+    (store_event,) = [e for e in events if e["alarm"] == "store"]
+    assert store_event["state"] == "raised" and "No space left" in store_event["cause"]
+    # Its partitions had lag and no progress for as long: they were alarmed as stalled too.
+    assert {e["alarm"] for e in events} <= {"store", "stalled"}
+
+    # Nothing was lost: a worker on a roomy disk rebuilds from the changelog and goes on.
+    shutil.rmtree(worker.data_dir, ignore_errors=True)
+    worker.data_dir = deployment.root / "roomy"
+    worker.start()
+    check = deployment.verify(sessions)
+    assert check.ok, check.summary()
