@@ -117,6 +117,29 @@ def test_unreadable_stored_buffer_dead_letters_the_fragment() -> None:
     assert buffers[b"bad"] == b"not a buffer"
 
 
+def test_a_fragment_reassembly_fails_on_is_dead_lettered_and_the_batch_flows() -> None:
+    """A value cut_records cannot take (Kafka gives bytes; here a str) fails at `reassemble`."""
+    buffers = Buffers()
+    bad = Fragment("in", 3, 1, b"s", "not bytes")  # type: ignore[arg-type]
+    result = buffers.apply(
+        [frag(0, b"s", b"a\nb"), bad, frag(2, b"s", b"c\n"), frag(3, b"t", b"d\n")]
+    )
+    # The session goes on from its state before the bad fragment: "b" + "c" is its record.
+    assert [(r.key, r.value, dict(r.headers)["seq"]) for r in result.records] == [
+        (b"s", b"a", b"0"),
+        (b"s", b"bc", b"1"),
+        (b"t", b"d", b"0"),
+    ]
+    (letter,) = result.dead_letters
+    headers = dict(letter.headers())
+    assert letter.fragment == bad
+    assert (headers["error.stage"], headers["error.class"]) == (b"reassemble", b"TypeError")
+    assert headers["error.message"]
+    assert (headers["source.partition"], headers["source.offset"]) == (b"3", b"1")
+    assert result.applied_through == 3
+    assert SessionState.decode(buffers[b"s"]).applied_offset == 2
+
+
 def test_multi_byte_delimiter_split_between_fragments() -> None:
     buffers = Buffers()
     result = buffers.apply(
