@@ -37,6 +37,12 @@ def test_fragmented_sessions_come_out_whole_in_order_and_numbered(deployment: De
 def test_bad_fragments_go_to_the_dead_letter_topic_while_good_ones_flow(
     deployment: Deployment,
 ) -> None:
+    """Null and empty keys, and a buffer the worker cannot read, go to the DLQ; the rest flows.
+
+    The unreadable buffer is planted in the table's changelog, named as faust-streaming
+    0.15.3 names it (APP_ID-session_buffers-changelog), under core/keys.py's buffer key:
+    the only way in for a buffer the worker did not write.
+    """
     # A buffer this version cannot read, left in the changelog by something else.
     changelog = f"{deployment.env['SESSIONS_APP_ID']}-session_buffers-changelog"
     create_topics_sync(deployment.broker.bootstrap, [changelog], deployment.partitions)

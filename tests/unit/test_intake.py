@@ -1,7 +1,12 @@
 """The consumer thread's fetched batches: the intake topic's records come out as Fragments.
 
 Real record batches in Kafka's wire format, parsed by aiokafka's own
-iterator; only the record builder is the intake's.
+iterator; only the record builder is the intake's. The point is aiokafka's
+private fetch structures (FetchResult, PartitionRecords and its
+`_consumer_record`, the fetcher's records map), which the intake replaces a
+part of: these tests pin aiokafka 0.14.0 (and the intake's use of them under
+faust-streaming 0.15.3). What a worker does with the Fragments is tested
+through its output in tests/integration.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ def parsed(result: FetchResult) -> list[object]:
 
 
 def test_intake_records_come_out_as_fragments_byte_for_byte() -> None:
+    """aiokafka 0.14.0's PartitionRecords builds the intake's Fragments, offsets included."""
     p0, p3 = TopicPartition("fragments", 0), TopicPartition("fragments", 3)
     first: list[Record] = [(b"s1", b"GET / HT"), (b"s2", b"\x00\xff\r\n"), (b"s1", None)]
     second: list[Record] = [(b"s9", b""), (b"s9", b"tail\r")]
@@ -54,6 +60,7 @@ def test_intake_records_come_out_as_fragments_byte_for_byte() -> None:
 
 
 def test_aiokafka_still_decides_which_records_of_a_batch_are_returned() -> None:
+    """aiokafka 0.14.0 skips what a fetch position passed and moves its next fetch offset."""
     tp = TopicPartition("fragments", 1)
     store = _FragmentRecords("fragments", {})
     # A fetch from offset 12 into a batch starting at 10: the first two were returned before.
@@ -64,6 +71,7 @@ def test_aiokafka_still_decides_which_records_of_a_batch_are_returned() -> None:
 
 
 def test_records_fetched_before_the_map_was_installed_are_built_as_fragments_too() -> None:
+    """Fetches aiokafka 0.14.0's fetcher stored before the intake's map replaced its own."""
     tp = TopicPartition("fragments", 2)
     before = {tp: fetched(tp, 0, [(b"k", b"v")], 0)}
 
@@ -73,6 +81,7 @@ def test_records_fetched_before_the_map_was_installed_are_built_as_fragments_too
 
 
 def test_other_topics_keep_aiokafkas_records() -> None:
+    """Topics other than the intake's keep aiokafka 0.14.0's ConsumerRecord."""
     tp = TopicPartition("sessions-changelog", 0)
     store = _FragmentRecords("fragments", {})
     store[tp] = fetched(tp, 5, [(b"k", b"v")], 5)
