@@ -33,6 +33,7 @@ from sessions_app.stream.partitions import PartitionMonitor
 from sessions_app.stream.pipeline import Pipeline
 from sessions_app.stream.tables import declare_session_buffers
 from sessions_app.stream.topics import copartitioning_problem, declare_topics
+from sessions_app.web.census import SessionCensus
 from sessions_app.web.heapstats import HeapSnapshots
 from sessions_app.web.history import HistorySampler
 from sessions_app.web.server import SessionsWeb
@@ -119,6 +120,7 @@ class SessionsApp(faust.App):
             self.capacity,
         )
         self.heap_snapshots = HeapSnapshots(settings.heap_min_interval)
+        self.census = SessionCensus(self.pipeline, settings)
         # Services started with the worker once its tables are recovered, stopped with it.
         self.idle_expiry = IdleExpiry(self, self.pipeline, settings)
         self.loop_stalls = LoopStallMonitor(tuning.stall_probe_period, tuning.stall_window)

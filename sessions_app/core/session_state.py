@@ -22,6 +22,11 @@ _HEADER = struct.Struct(">BqQq")
 HEADER_SIZE = _HEADER.size
 
 
+def activity_and_size(raw: bytes) -> tuple[int, int]:
+    """Return (last_seen_us, pending bytes) of a stored buffer without decoding its bytes."""
+    return int(_HEADER.unpack_from(raw)[3]), len(raw) - HEADER_SIZE
+
+
 class CorruptSessionState(ValueError):
     """A stored session buffer that this version cannot read."""
 

@@ -22,6 +22,7 @@ Faust internals used here (`_dbs`, `_db_for_partition`, `offset_key`,
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from faust.stores.rocksdb import Store as FaustRocksDBStore
 from faust.types import EventT
 
 from sessions_app.core import keys
-from sessions_app.core.session_state import CorruptSessionState, SessionState
+from sessions_app.core.session_state import CorruptSessionState, SessionState, activity_and_size
 
 #: A quarter of the budget for memtables, charged to the block cache.
 WRITE_BUFFER_SHARE = 4
@@ -201,6 +202,24 @@ class PartitionStore:
             found.append((last_seen, session_id))
             if len(found) >= limit:
                 break
+        return found
+
+    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, int, int]]:
+        """Return up to `limit` (session ID, pending bytes, last seen) after session `after`.
+
+        In session ID order, from the first session when `after` is None: a caller walks
+        every session in bounded steps, holding nothing of the ones it has passed.
+        """
+        start = keys.BUFFER if after is None else keys.buffer_key(after) + b"\0"
+        found: list[tuple[bytes, int, int]] = []
+        for key, raw in self.db.items(from_key=start):
+            if key[:1] != keys.BUFFER or len(found) >= limit:
+                break
+            try:
+                last_seen, pending = activity_and_size(raw)
+            except struct.error:
+                continue  # unreadable: the batch core dead-letters its fragments
+            found.append((key[1:], pending, last_seen))
         return found
 
     def markers(self) -> dict[bytes, keys.FlushMarker]:

@@ -65,6 +65,13 @@ def copartitioning_problem(
     )
 
 
+def partition_for(session_id: bytes, partitions: int) -> int:
+    """Return the input partition Kafka's default partitioner gives a session ID."""
+    from aiokafka.partitioner import murmur2
+
+    return int(murmur2(session_id) & 0x7FFFFFFF) % partitions
+
+
 def declare_topics(app: Any, settings: Settings) -> SessionTopics:
     """Declare the worker's topics on `app`."""
 

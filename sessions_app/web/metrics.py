@@ -6,9 +6,30 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from sessions_app.web.stats import session_stats
+
+
+def census_families(census: dict[str, Any]) -> Iterator[Metric]:
+    """Yield the last census as two histograms: sessions by pending bytes and by idle age."""
+    for name, key, bound, text in (
+        ("sessions_pending_bytes", "by_pending_bytes", "le", "Live sessions by pending bytes"),
+        ("sessions_idle_seconds", "by_idle_seconds", "lt", "Live sessions by seconds idle"),
+    ):
+        cumulative, buckets = 0, []
+        for bucket in census[key]:
+            cumulative += bucket["sessions"]
+            if bucket[bound] is not None:
+                buckets.append((f"{float(bucket[bound]):g}", cumulative))
+        buckets.append(("+Inf", cumulative))
+        total = census["pending_bytes_total"] if key == "by_pending_bytes" else None
+        yield HistogramMetricFamily(name, text + " (last census)", buckets=buckets, sum_value=total)
 
 
 def metric_families(
@@ -89,12 +110,14 @@ class SessionsCollector:
 
     def collect(self) -> Iterator[Metric]:
         app = self.app
-        return metric_families(
+        yield from metric_families(
             session_stats(app),
             app.settings.max_sessions,
             app.heap_snapshots.last_size(),
             frozenset(app.partition_monitor.stalls.stalled),
         )
+        if app.census.last is not None:  # a scrape never takes a census: it costs seconds
+            yield from census_families(app.census.last)
 
 
 def exposition(app: Any) -> bytes:

@@ -5,6 +5,8 @@ GET /heap/       heapy statistics (?format=text, ?diff=baseline, ?top=N); token 
 GET /alarms/     active alarms (capacity, stalled partitions, store) and the last 100 transitions
 GET /history/    the dashboard's samples of the last hour
 GET /metrics     Prometheus text format; token if set
+GET /sessions/lookup?key=K (or key_hex=H)   one session: partition, sizes; token if set
+GET /census/     live sessions by pending bytes and idle age, the largest and idlest; token
 GET /livez       200 while the event loop turns, 503 otherwise (for an orchestrator's probe)
 GET /readyz      200 when partitions are assigned and recovered, 503 with the reason otherwise
 GET /            the dashboard page
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
 from faust import web
 
+from sessions_app.stream.topics import partition_for
 from sessions_app.web.heapstats import TOP_ROWS, diff
 from sessions_app.web.metrics import exposition
 from sessions_app.web.stats import readiness, session_stats
@@ -90,6 +94,76 @@ class SessionsView(ReadOnlyView):
 
     async def get(self, request: web.Request) -> web.Response:
         return self.unknown_params(request) or self.json(session_stats(self.app))
+
+
+@blueprint.route("/sessions/lookup", name="lookup")
+class LookupView(ReadOnlyView):
+    """One session, looked up by its ID: where it lives and its sizes, never its bytes."""
+
+    allowed_params = frozenset({"key", "key_hex"})
+
+    async def get(self, request: web.Request) -> web.Response:
+        if denied := self.unauthorized(request):
+            return denied
+        if bad := self.unknown_params(request):
+            return bad
+        given = [name for name in ("key", "key_hex") if name in request.query]
+        if len(given) != 1:
+            return self.error(400, "give the session ID as key= or, for binary IDs, key_hex=")
+        if given == ["key"]:
+            session_id = request.query["key"].encode("utf-8", "surrogateescape")
+        else:
+            try:
+                session_id = bytes.fromhex(request.query["key_hex"])
+            except ValueError:
+                return self.error(400, f"key_hex={request.query['key_hex']!r} is not hex")
+        if not session_id:
+            return self.error(400, "the session ID is empty")
+        pipeline = self.app.pipeline
+        partition = partition_for(session_id, self.app.settings.partitions)
+        store = pipeline.store.partition(partition)
+        if partition not in pipeline.active_partitions() or store is None:
+            return self.json(
+                {
+                    "error": f"partition {partition} is not on this worker: "
+                    "ask the worker that owns it",
+                    "partition": partition,
+                    "owner": False,
+                },
+                status=404,
+            )
+        state = store.session(session_id)
+        if state is None:
+            return self.json(
+                {
+                    "error": f"no live session with this ID on partition {partition}",
+                    "partition": partition,
+                    "owner": True,
+                },
+                status=404,
+            )
+        return self.json(
+            {
+                "partition": partition,
+                "owner": True,
+                "pending_bytes": len(state.pending),
+                "next_seq": state.next_seq,
+                "seconds_idle": round(max(time.time() - state.last_seen_us / 1e6, 0.0), 3),
+                "applied_offset": state.applied_offset,
+            }
+        )
+
+
+@blueprint.route("/census/", name="census")
+class CensusView(ReadOnlyView):
+    """Live sessions by pending bytes and by idle age, and the largest and idlest of them."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        if denied := self.unauthorized(request):
+            return denied
+        if bad := self.unknown_params(request):
+            return bad
+        return self.json(await self.app.census.get())
 
 
 @blueprint.route("/livez", name="livez")

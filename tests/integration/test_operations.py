@@ -19,7 +19,7 @@ import pytest
 from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync
 from sessions_app.tools.loadgen import generate, interleave
 
-from .conftest import Deployment, Worker
+from .conftest import Deployment, Worker, partition_of
 
 
 def alarms(worker: Worker) -> dict[str, Any]:
@@ -30,7 +30,8 @@ def readyz(worker: Worker) -> tuple[int, dict[str, Any]]:
     try:
         return 200, json.loads(worker.get("/readyz"))
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        with err:
+            return err.code, json.loads(err.read())
 
 
 def test_lag_and_progress_per_partition_in_stats_and_metrics(deployment: Deployment) -> None:
@@ -178,3 +179,57 @@ def test_a_store_that_refuses_writes_alarms_turns_unready_and_stops_the_worker(
     worker.start()
     check = deployment.verify(sessions)
     assert check.ok, check.summary()
+
+
+TOKEN = "a-token-for-the-census-and-lookup"
+
+
+def test_census_and_lookup_of_the_sessions_in_the_store(deployment: Deployment) -> None:
+    deployment.env["SESSIONS_WEB_TOKEN"] = TOKEN
+    worker = deployment.start_worker()
+    small = {b"small-%03d" % i: b"x" * 10 for i in range(100)}
+    deployment.send_remnants({b"big-one": b"\x00" * 5000})
+    worker.wait_until(lambda s: s["live_sessions"] == 1, "the big one applied first")
+    deployment.send_remnants(small)
+    worker.wait_until(lambda s: s["live_sessions"] == 101, "101 live sessions")
+
+    def census() -> dict[str, Any]:
+        return json.loads(worker.get("/census/", token=TOKEN))  # type: ignore[no-any-return]
+
+    report = census()
+    assert report["sessions"] == 101
+    buckets = {b["bucket"]: b["sessions"] for b in report["by_pending_bytes"]}
+    assert (buckets["1-64"], buckets["1025-16384"]) == (100, 1)
+    assert sum(buckets.values()) == 101
+    assert report["largest"][0] == {"session": "big-one", "pending_bytes": 5000}
+    assert report["longest_idle"][0]["session"] == "big-one"  # sent first
+    assert sum(b["sessions"] for b in report["by_idle_seconds"]) == 101
+    assert census()["taken_at"] == report["taken_at"]  # reused within its interval
+    metrics = worker.get("/metrics", token=TOKEN).decode()
+    assert re.search(r'^sessions_pending_bytes_bucket{le="64"} 100\.0$', metrics, re.M)
+    assert re.search(r'^sessions_pending_bytes_bucket{le="\+Inf"} 101\.0$', metrics, re.M)
+
+    found = json.loads(worker.get("/sessions/lookup?key=big-one", token=TOKEN))
+    assert found["owner"] is True
+    assert (found["pending_bytes"], found["next_seq"]) == (5000, 1)
+    assert found["seconds_idle"] >= 0 and found["applied_offset"] >= 0
+    assert "\\u0000" not in json.dumps(found)  # sizes only, never the payload
+    hexed = json.loads(worker.get("/sessions/lookup?key_hex=" + b"small-007".hex(), token=TOKEN))
+    assert hexed["pending_bytes"] == 10
+    assert hexed["partition"] == partition_of(b"small-007", deployment.partitions)
+    assert found["partition"] == partition_of(b"big-one", deployment.partitions)
+
+    for path, status in (
+        ("/sessions/lookup?key=nobody", 404),
+        ("/sessions/lookup?key_hex=zz", 400),
+        ("/sessions/lookup", 400),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            worker.get(path, token=TOKEN)
+        err.value.close()
+        assert err.value.code == status, path
+    for path in ("/census/", "/sessions/lookup?key=big-one"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            worker.get(path)
+        err.value.close()
+        assert err.value.code == 401

@@ -18,7 +18,8 @@ def probe(worker: Worker, path: str) -> tuple[int, dict[str, Any]]:
         with urllib.request.urlopen(url, timeout=10) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        with err:
+            return err.code, json.loads(err.read())
 
 
 def test_a_worker_with_partitions_is_live_and_ready_one_without_is_live_only(
