@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -11,6 +13,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+from sessions_app.tools import harness
 
 from .conftest import Deployment, Worker
 
@@ -20,7 +24,8 @@ TOKEN = "s3cret-token-for-tests"
 def get(
     worker: Worker, path: str, method: str = "GET", token: str | None = None
 ) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{worker.web_port}{path}", method=method)
+    url = f"http://{worker.web_host}:{worker.web_port}{path}"
+    request = urllib.request.Request(url, method=method)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -30,10 +35,10 @@ def get(
         return err.code, err.read().decode()
 
 
-def load(deployment: Deployment, sessions: int) -> None:
+def load(deployment: Deployment, sessions: range) -> None:
     """Each session: two fragments, one complete record, and a remnant left pending."""
-    items = []
-    for i in range(sessions):
+    items: list[harness.Item] = []
+    for i in sessions:
         key = f"web-{i:04d}".encode()
         items += [(key, b"first rec", None), (key, b"ord\r\nrest", None)]
     deployment.produce(items)
@@ -41,15 +46,29 @@ def load(deployment: Deployment, sessions: int) -> None:
 
 @pytest.fixture
 def busy_worker(deployment: Deployment) -> Worker:
+    """220 sessions against a cap of 250, the alarm at half of it, the web on 127.0.0.2.
+
+    The sessions come in three sends so the alarm is raised at exactly 125, not at
+    whatever count the batch that crossed the line ended with.
+    """
     deployment.env["SESSIONS_MAX_SESSIONS"] = "250"
+    deployment.env["SESSIONS_ALARM_RATIO"] = "0.5"
     deployment.env["SESSIONS_HEAP_MIN_INTERVAL"] = "2"
+    deployment.env["SESSIONS_WEB_HOST"] = "127.0.0.2"
     worker = deployment.start_worker()
-    load(deployment, 220)
+    load(deployment, range(124))
+    stats = worker.wait_until(lambda s: s["live_sessions"] == 124, "124 live")
+    assert stats["alarm"]["state"] == "ok", "raised below half the cap"
+    load(deployment, range(124, 125))
+    worker.wait_until(lambda s: s["alarm"]["state"] == "raised", "alarm raised at 125")
+    load(deployment, range(125, 220))
     worker.wait_until(lambda s: s["totals"]["fragments_consumed"] == 440, "440 fragments")
     return worker
 
 
-def test_sessions_alarms_and_metrics_match_the_traffic(busy_worker: Worker) -> None:
+def test_sessions_alarms_and_metrics_match_the_traffic_on_the_web_host(
+    busy_worker: Worker,
+) -> None:
     stats = busy_worker.stats()
     assert stats["live_sessions"] == 220
     assert sum(stats["live_sessions_by_partition"].values()) == 220
@@ -64,8 +83,13 @@ def test_sessions_alarms_and_metrics_match_the_traffic(busy_worker: Worker) -> N
 
     status, body = get(busy_worker, "/alarms/")
     assert status == 200
-    assert '"active":[{"alarm":"session-capacity"' in body.replace(" ", "")
-    assert '"state":"raised","count":2' in body.replace(" ", "")  # 200 of 250 raised it
+    alarms = json.loads(body)
+    assert [(a["alarm"], a["count"], a["cap"]) for a in alarms["active"]] == [
+        ("session-capacity", 220, 250)
+    ]
+    assert [
+        (t["alarm"], t["state"], t["count"], t["cap"], t["ratio"]) for t in alarms["transitions"]
+    ] == [("session-capacity", "raised", 125, 250, 0.5)]
 
     status, metrics = get(busy_worker, "/metrics")
     assert status == 200
@@ -76,20 +100,29 @@ def test_sessions_alarms_and_metrics_match_the_traffic(busy_worker: Worker) -> N
     assert re.search(r"^sessions_max 250\.0$", metrics, re.M)
     assert re.search(r"^sessions_capacity_alarm 1\.0$", metrics, re.M)
 
+    # SESSIONS_WEB_HOST=127.0.0.2: all of the above was answered there, and only there.
+    assert busy_worker.web_host == "127.0.0.2"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", busy_worker.web_port), timeout=5).close()
+
 
 def test_heap_snapshot_is_cached_for_the_interval_and_diffed(busy_worker: Worker) -> None:
     status, first = get(busy_worker, "/heap/?top=5")
     assert status == 200
-    taken = float(re.search(r'"taken_at":\s*([\d.]+)', first).group(1))  # type: ignore[union-attr]
-    assert '"kind":"str"' in first.replace(" ", "")
-    assert len(re.findall(r'"kind"', first)) == 5
+    snapshot = json.loads(first)
+    taken = snapshot["taken_at"]
+    assert len(snapshot["rows"]) == 5
+    assert "str" in [row["kind"] for row in snapshot["rows"]]
     _, again = get(busy_worker, "/heap/")
-    assert f"{taken}" in again  # within the interval: the same snapshot
-    time.sleep(2.2)
-    _, later = get(busy_worker, "/heap/?diff=baseline")
-    assert f'"baseline_taken_at":{taken}' in later.replace(" ", "")
-    assert f'"taken_at":{taken},' not in later.replace(" ", "")
-    assert '"grown":' in later
+    assert json.loads(again)["taken_at"] == taken  # within the interval: the same snapshot
+    deadline = time.monotonic() + 30
+    while (later := json.loads(get(busy_worker, "/heap/?diff=baseline")[1]))["taken_at"] == taken:
+        assert time.monotonic() < deadline, "the snapshot was never taken again"
+        time.sleep(0.1)
+    # Taken again only once the interval (SESSIONS_HEAP_MIN_INTERVAL=2) was over.
+    assert later["taken_at"] >= taken + 2
+    assert later["baseline_taken_at"] == taken
+    assert isinstance(later["grown"], list)
     status, text = get(busy_worker, "/heap/?format=text")
     assert status == 200 and text.startswith("Partition of a set of")
 
@@ -141,7 +174,7 @@ def test_dashboard_in_chromium_shows_the_workers_numbers(busy_worker: Worker) ->
                 f"--user-data-dir={profile}",
                 "--virtual-time-budget=10000",
                 "--dump-dom",
-                f"http://127.0.0.1:{busy_worker.web_port}/",
+                f"http://{busy_worker.web_host}:{busy_worker.web_port}/",
             ],
             capture_output=True,
             text=True,
@@ -153,8 +186,13 @@ def test_dashboard_in_chromium_shows_the_workers_numbers(busy_worker: Worker) ->
     shown = dict(re.findall(r'data-chart-([a-z-]+)="([^"]*)"', body))
     assert shown["live-sessions"] == "220"
     assert shown["cap"] == "250"
-    assert shown["alarm-line"] == "200"
+    assert shown["alarm-line"] == "125"
     assert 10 < float(shown["rss-mib"]) < 2000
     assert re.search(r'id="live">220<', dom)
     assert re.search(r'id="alarm"[^>]*>raised<', dom)
-    assert dom.count("<canvas") == 2
+    # Both charts drew every point, the last at the height of what the page shows.
+    points = int(shown["points"])
+    assert points >= 1
+    assert (shown["sessions-drawn"], shown["memory-drawn"]) == (str(points), str(points))
+    assert float(shown["sessions-drawn-last"]) == 220.0
+    assert float(shown["memory-drawn-last"]) == float(shown["rss-mib"])
