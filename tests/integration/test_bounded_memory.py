@@ -225,10 +225,16 @@ def test_cap_evicts_the_longest_idle_sessions(deployment: Deployment) -> None:
         counts.append(stats["live_sessions"])
         return bool(stats["totals"]["sessions_evicted"] == 30)
 
-    # One at a time: sessions that arrive in one fetch are equally idle, in no order.
-    for n, (key, tail) in enumerate(sessions.items(), 1):
-        deployment.produce([(key, b"done\r\n" + tail, None)])
-        worker.wait_until(lambda s, n=n: watch(s) or s["totals"]["fragments_consumed"] == n, "")
+    # Ten at a time, each ten sent once the ten before are applied: a batch stamps its
+    # sessions in its own order (partition by partition), but all after the batches
+    # before it, so every eviction takes whole tens, oldest first.
+    keys = list(sessions)
+    for start in range(0, len(keys), 10):
+        deployment.send_remnants({key: sessions[key] for key in keys[start : start + 10]})
+        worker.wait_until(
+            lambda s, n=start + 10: watch(s) or s["totals"]["fragments_consumed"] == n,
+            f"{start + 10} fragments applied",
+        )
     stats = worker.wait_until(watch, "30 evicted")
     assert stats["live_sessions"] == 50
     assert max(counts) == 50
