@@ -16,10 +16,11 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import faust
-from mode import Service
+from mode import Service, ServiceT
 
 from sessions_app.core.totals import PipelineTotals
 from sessions_app.engine.allocator import fix_mmap_threshold
@@ -139,9 +140,10 @@ class SessionsApp(faust.App):
             lambda: sum(self.pipeline.live_sessions().values()),
             self.heap_snapshots.last_size,
         )
+        # Started once the tables are recovered; the stall probe starts with the app, since
+        # /livez answers from the start and the loop turns through recovery too.
         self._sessions_services: list[Service] = [
             self.idle_expiry,
-            self.loop_stalls,
             self.partition_monitor,
             self.history,
         ]
@@ -162,6 +164,10 @@ class SessionsApp(faust.App):
 
     def _new_web(self) -> SessionsWeb:
         return SessionsWeb(self)
+
+    def on_init_dependencies(self) -> Iterable[ServiceT]:
+        """Start the event-loop stall probe with the app, beside Faust's own services."""
+        return [*super().on_init_dependencies(), self.loop_stalls]
 
     async def on_first_start(self) -> None:
         """Prepare the process for a worker, before any table opens RocksDB."""

@@ -7,6 +7,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import pytest
+
 from sessions_app.tools.embedded_broker import create_topics_sync
 
 from .conftest import Deployment, Worker
@@ -50,6 +52,17 @@ def test_a_worker_with_partitions_is_live_and_ready_one_without_is_live_only(
     )
     for worker in (busy, idle):
         assert probe(worker, "/livez") == (200, {"status": "ok"})
+    # A lookup on the worker that owns nothing names the partition to ask for.
+    token = deployment.env["SESSIONS_WEB_TOKEN"]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{idle.web_port}/sessions/lookup?key=someone",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    with err.value:
+        assert err.value.code == 404
+        assert json.loads(err.value.read())["partition"] == 0
 
     # The worker that idles takes over when the busy one leaves: it becomes ready.
     busy.stop()
