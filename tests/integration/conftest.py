@@ -16,7 +16,7 @@ from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_syn
 from sessions_app.tools.harness import Item, Record, WorkerProcess
 from sessions_app.tools.loadgen import Session, Verification, interleave, verify
 
-__all__ = ["Deployment", "Record", "Worker", "in_phases", "partition_of"]
+__all__ = ["Deployment", "Record", "Worker", "in_phases", "partition_of", "records_completed"]
 
 #: The tests' workers; the harness's, under the name the tests use.
 Worker = WorkerProcess
@@ -42,6 +42,14 @@ def in_phases(sessions: list[Session], phases: int, seed: int) -> list[list[Item
             run = session.fragments[bounds[i] : bounds[i + 1]]
             parts[i].append(Session(session.key, [], run))
     return [[(key, frag, None) for key, frag in interleave(part, seed)] for part in parts]
+
+
+def records_completed(items: list[Item], delimiter: bytes) -> int:
+    """Return how many records `items` complete when they are the first a session gets."""
+    sent: dict[bytes | None, list[bytes]] = {}
+    for key, value, _ in items:
+        sent.setdefault(key, []).append(value or b"")
+    return sum(b"".join(values).count(delimiter) for values in sent.values())
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sessions_app.tools.loadgen import generate
 
-from .conftest import Deployment, in_phases
+from .conftest import Deployment, in_phases, records_completed
 
 
 def test_kill_9_mid_stream_loses_and_corrupts_nothing(deployment: Deployment) -> None:
@@ -19,7 +19,7 @@ def test_kill_9_mid_stream_loses_and_corrupts_nothing(deployment: Deployment) ->
 
     worker = deployment.start_worker()
     deployment.produce(phases[0])
-    worker.wait_for("records_emitted", 1000)
+    worker.wait_for("records_emitted", records_completed(phases[0], b"\r\n") // 3)
     worker.kill9()
     # Sent while the worker is down: read after the restart, from the committed offsets on.
     deployment.produce(phases[1])

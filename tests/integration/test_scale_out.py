@@ -20,7 +20,7 @@ from sessions_app.tools import harness
 from sessions_app.tools.embedded_broker import free_port
 from sessions_app.tools.loadgen import Session, generate, interleave
 
-from .conftest import Deployment, Worker, in_phases
+from .conftest import Deployment, Worker, in_phases, records_completed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,13 +36,12 @@ class Stream:
     def __init__(self, deployment: Deployment, seed: int) -> None:
         self.deployment = deployment
         self.sessions = generate(f"x{seed}", 300, 20, b"\r\n", seed=seed)
-        self.total = sum(len(s.records) for s in self.sessions)
         self.phases = in_phases(self.sessions, 3, seed)
 
     def until_event(self, workers: list[Worker]) -> None:
-        """Send the first phase, wait until a quarter of all records is out, send the second."""
+        """Send the first phase, wait until half its records are out, send the second."""
         self.deployment.produce(self.phases[0])
-        wait_emitted(workers, self.total // 4)
+        wait_emitted(workers, records_completed(self.phases[0], b"\r\n") // 2)
         self.deployment.produce(self.phases[1])
 
     def after_event(self) -> None:
