@@ -48,15 +48,19 @@ class Record:
     timestamp: int
 
 
-def _servers(bootstrap: str | Sequence[str]) -> str | list[str]:
-    return bootstrap if isinstance(bootstrap, str) else list(bootstrap)
+def _client(bootstrap: str | Sequence[str], options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return a Kafka client's connection arguments: the servers, then `options` (TLS, SASL)."""
+    servers = bootstrap if isinstance(bootstrap, str) else list(bootstrap)
+    return {"bootstrap_servers": servers, **(options or {})}
 
 
-async def topic_partitions(bootstrap: str | Sequence[str]) -> dict[str, int]:
+async def topic_partitions(
+    bootstrap: str | Sequence[str], options: Mapping[str, Any] | None = None
+) -> dict[str, int]:
     """Return every topic the broker's metadata lists, with its partition count."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=_servers(bootstrap))
+    admin = AIOKafkaAdminClient(**_client(bootstrap, options))
     await admin.start()
     try:
         # Metadata of all topics: asking for one by name may auto-create it.
@@ -66,14 +70,18 @@ async def topic_partitions(bootstrap: str | Sequence[str]) -> dict[str, int]:
 
 
 async def committed_offsets(
-    bootstrap: str | Sequence[str], group: str, topic: str, partitions: int
+    bootstrap: str | Sequence[str],
+    group: str,
+    topic: str,
+    partitions: int,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[int, int | None]:
     """Return the offset `group` committed for each partition of `topic`, None if none."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     # A member of no group's generation: it only asks the coordinator, it never joins.
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=_servers(bootstrap), group_id=group, enable_auto_commit=False
+        **_client(bootstrap, options), group_id=group, enable_auto_commit=False
     )
     await consumer.start()
     try:
@@ -91,24 +99,27 @@ async def read_topic(
     idle_timeout: float | None = None,
     timeout: float | None = None,
     max_records: int = 10_000,
+    options: Mapping[str, Any] | None = None,
 ) -> list[Record]:
     """Read every partition of `topic` from its start, as no group, committing nothing.
 
     Stops once `done(records)` holds and no record came for `settle` seconds (records
     still in flight, such as repeats after a crash, are part of the answer); or when no
     record came for `idle_timeout` seconds; or after `timeout` seconds in all. `done`
-    sees the whole list after every fetch.
+    sees the whole list after every fetch. `options` are further client arguments, such
+    as Settings.kafka_client_options()'s TLS and SASL ones.
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=_servers(bootstrap), enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**_client(bootstrap, options), enable_auto_commit=False)
     await consumer.start()
     records: list[Record] = []
     try:
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
             # Created since the client's first look at the metadata.
-            partitions = set(range((await topic_partitions(bootstrap)).get(topic, 0)))
+            counts = await topic_partitions(bootstrap, options)
+            partitions = set(range(counts.get(topic, 0)))
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
@@ -142,16 +153,18 @@ async def send(
     max_batch_size: int = 512 * 1024,
     wait_every: int = 10_000,
     progress: Callable[[int], None] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> float:
     """Send items in order and wait until the broker has them all; return the seconds it took.
 
     Waits for acknowledgements every `wait_every` records, so a long send holds at most
     that many futures; `progress` is told how many more records are in each time.
+    `options` are further client arguments (TLS, SASL).
     """
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(
-        bootstrap_servers=_servers(bootstrap), linger_ms=linger_ms, max_batch_size=max_batch_size
+        **_client(bootstrap, options), linger_ms=linger_ms, max_batch_size=max_batch_size
     )
     await producer.start()
     began = time.monotonic()

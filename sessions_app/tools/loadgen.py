@@ -12,7 +12,7 @@ import base64
 import itertools
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,14 +209,19 @@ async def produce(
     sessions: list[Session],
     seed: int,
     progress: bool = True,
+    client_options: Mapping[str, Any] | None = None,
 ) -> tuple[int, float]:
-    """Send every session's fragments, interleaved; return (fragments, seconds)."""
+    """Send every session's fragments, interleaved; return (fragments, seconds).
+
+    `client_options` are further Kafka client arguments, such as the TLS and SASL ones of
+    Settings.kafka_client_options().
+    """
     from tqdm import tqdm
 
     total = sum(len(s.fragments) for s in sessions)
     items = ((key, fragment, None) for key, fragment in interleave(sessions, seed))
     with tqdm(total=total, unit="frag", disable=not progress, mininterval=0.5) as bar:
-        seconds = await send(bootstrap, topic, items, progress=bar.update)
+        seconds = await send(bootstrap, topic, items, progress=bar.update, options=client_options)
     return total, seconds
 
 
@@ -226,11 +231,12 @@ async def verify(
     check: Verification,
     idle_timeout: float,
     settle: float = 1.0,
+    client_options: Mapping[str, Any] | None = None,
 ) -> Verification:
     """Read `topic` from the start until all records are in, or none came for idle_timeout.
 
     Once all are in, reading goes on until none came for `settle` seconds, so repeats
-    still in flight are counted too.
+    still in flight are counted too. `client_options` as for `produce`.
     """
     checked = 0
 
@@ -241,5 +247,12 @@ async def verify(
         checked = len(records)
         return check.complete
 
-    await read_topic(bootstrap, topic, complete, settle=settle, idle_timeout=idle_timeout)
+    await read_topic(
+        bootstrap,
+        topic,
+        complete,
+        settle=settle,
+        idle_timeout=idle_timeout,
+        options=client_options,
+    )
     return check
