@@ -22,11 +22,12 @@ from pathlib import Path
 import faust
 from mode import Service, ServiceT
 
+from sessions_app.core.limits import size_problem
 from sessions_app.core.totals import PipelineTotals
 from sessions_app.engine.allocator import fix_mmap_threshold
 from sessions_app.engine.intake import IntakeConsumer
 from sessions_app.settings import Settings, SettingsError
-from sessions_app.stream.broker import BrokerRefused, partition_counts
+from sessions_app.stream.broker import BrokerRefused, partition_counts, record_limits
 from sessions_app.stream.delivery import Delivery
 from sessions_app.stream.expiry import IdleExpiry
 from sessions_app.stream.monitoring import CapacityMonitor, LoopStallMonitor
@@ -84,6 +85,9 @@ class SessionsApp(faust.App):
             broker_heartbeat_interval=settings.broker_heartbeat_interval,
             broker_request_timeout=max(90.0, settings.broker_session_timeout),
             producer_max_batch_size=settings.producer_max_batch_size,
+            # The client's own check on a dead letter or an alert: the topics' limits are
+            # checked at start (core/limits.py), and a dead letter carries a whole fragment.
+            producer_max_request_size=max(2 * 1024 * 1024, settings.max_buffer_bytes + 65536),
             # A fetch is handed to the agent whole (engine/intake.py): bound it, or fetched
             # records (half a kilobyte of Python objects each) pile up by the hundred thousand.
             broker_max_poll_records=settings.tuning.fetch_max_records,
@@ -178,10 +182,10 @@ class SessionsApp(faust.App):
         # aiokafka builds a debug record for every message it sends (its loggers are left
         # at NOTSET): that cost a tenth of the worker's CPU.
         logging.getLogger("aiokafka").setLevel(logging.INFO)
-        await self._check_copartitioning()
+        await self._preflight()
         await super().on_first_start()
 
-    async def _check_copartitioning(self) -> None:
+    async def _preflight(self) -> None:
         """Stop with exit status 2 before consuming if the topics' partition counts disagree."""
         settings = self.settings
         changelog = self.session_buffers.changelog_topic.get_topic_name()
@@ -199,6 +203,24 @@ class SessionsApp(faust.App):
         problem = copartitioning_problem(settings, changelog, counts)
         if problem is not None:
             print(f"sessions-app: {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
+        # Kafka refuses a record batch above the topic's max.message.bytes, and the test
+        # broker never does: know it here, before a record is refused in production.
+        kinds = {"output": settings.output_topic, "expired": settings.expired_topic}
+        limits = await record_limits(settings, [*kinds.values(), changelog])
+        too_large = size_problem(
+            settings.max_buffer_bytes,
+            settings.delimiter,
+            settings.producer_max_batch_size,
+            {
+                **{kind: (name, limits[name]) for kind, name in kinds.items()},
+                "changelog": (changelog, limits[changelog]),
+            },
+        )
+        if too_large is not None:
+            variable, why = too_large
+            value = getattr(settings, variable.removeprefix("SESSIONS_").lower())
+            print(f"sessions-app: {SettingsError(variable, str(value), why)}", file=sys.stderr)
             raise SystemExit(2)
 
     async def on_started_init_extra_services(self) -> None:

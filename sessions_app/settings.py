@@ -84,7 +84,9 @@ class Settings:
     max_sessions: int = 1_000_000
     alarm_ratio: float = 0.8
     cap_policy: str = "evict"
-    max_buffer_bytes: int = 1024 * 1024
+    # With a session ID and headers, a record this big fits Kafka's default 1,048,588-byte
+    # max.message.bytes (sessions_app/core/limits.py).
+    max_buffer_bytes: int = 1_000_000
     alerts_topic: str = "sessions-alerts"
     heap_min_interval: float = 30.0
     stall_timeout: float = 60.0

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from sessions_app.core.keys import MAX_SESSION_ID_BYTES
 from sessions_app.core.reassembly import cut_records, unfinished_delimiter
 from sessions_app.core.session_state import SessionState
 
@@ -140,7 +141,10 @@ def apply_fragments(
     (see ActivityClock).
 
     A session whose pending bytes would exceed `max_buffer_bytes` has them
-    flushed as an expired remnant (reason `overflow`) and goes on empty. With
+    flushed as expired remnants (reason `overflow`) of at most that many bytes
+    and goes on empty; so does the head of a complete record longer than that,
+    so nothing sent or stored outgrows the cap. Session IDs longer than
+    MAX_SESSION_ID_BYTES are dead-lettered (stage `validate`). With
     `may_open` set, fragments that would open more new sessions than that are
     dead-lettered (stage `capacity`) instead. Fragments at or below
     `applied_through`, the partition's watermark, were applied before and
@@ -165,15 +169,15 @@ def apply_fragments(
         if offset > applied:
             applied = offset
         key = fragment.key
-        if not key:
-            what = "null" if key is None else "empty"
+        if not key or len(key) > MAX_SESSION_ID_BYTES:
+            what = (
+                f"a {'null' if key is None else 'empty'} key; the key must be the session ID"
+                if not key
+                else f"a key of {len(key):,} bytes; session IDs may be at most "
+                f"{MAX_SESSION_ID_BYTES:,} bytes"
+            )
             result.dead_letters.append(
-                DeadLetter(
-                    fragment,
-                    "validate",
-                    InvalidSessionKey.__name__,
-                    f"fragment has a {what} key; the key must be the session ID",
-                )
+                DeadLetter(fragment, "validate", InvalidSessionKey.__name__, f"fragment has {what}")
             )
             continue
         if key in states:
@@ -214,16 +218,19 @@ def apply_fragments(
             records, pending = cut_records(state.pending, fragment.value, delimiter)
             seq = state.next_seq
             for record in records:
+                if max_buffer_bytes is not None and len(record) > max_buffer_bytes:
+                    # A record longer than the cap (one large fragment): its heads go out as
+                    # overflow remnants, so no record sent is longer than the cap either.
+                    tail = (len(record) - 1) // max_buffer_bytes * max_buffer_bytes
+                    _overflow(key, seq, record[:tail], max_buffer_bytes, result)
+                    record = record[tail:]
                 out.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
                 seq += 1
             if max_buffer_bytes is not None and len(pending) > max_buffer_bytes:
                 # Bytes that may begin a delimiter stay: the next fragment may complete it.
                 head = len(pending) - unfinished_delimiter(pending, delimiter)
                 if head:
-                    result.expired.append(
-                        remnant(key, SessionState(next_seq=seq, pending=pending[:head]), "overflow")
-                    )
-                    result.overflows += 1
+                    _overflow(key, seq, pending[:head], max_buffer_bytes, result)
                     pending = pending[head:]
             # One microsecond per position keeps the sessions of a batch in arrival order.
             new_state = SessionState(offset, seq, now_us + position, pending)
@@ -240,6 +247,14 @@ def apply_fragments(
         states[key] = writes[key] = new_state
     result.applied_through = applied
     return result
+
+
+def _overflow(key: bytes, seq: int, head: bytes, cap: int, result: BatchResult) -> None:
+    """Flush the head of record `seq` as overflow remnants of at most `cap` bytes each."""
+    for start in range(0, len(head), cap):
+        part = head[start : start + cap]
+        result.expired.append(remnant(key, SessionState(next_seq=seq, pending=part), "overflow"))
+    result.overflows += 1
 
 
 def _close(key: bytes, state: SessionState, result: BatchResult) -> None:

@@ -27,6 +27,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+#: The longest session ID a fragment may have: the key is part of every record the worker
+#: writes, and Kafka limits a record's size (see sessions_app/core/limits.py).
+MAX_SESSION_ID_BYTES = 1024
+
 BUFFER = b"s"
 MARKER = b"x"
 IDLE = b"i"

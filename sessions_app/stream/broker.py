@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import Any
 
+from sessions_app.core.limits import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from sessions_app.settings import Settings
 
 #: How long the first contact may take before the worker gives up with a message.
@@ -53,6 +55,60 @@ async def partition_counts(settings: Settings, names: list[str]) -> dict[str, in
         return counts
     finally:
         await consumer.stop()
+
+
+async def record_limits(settings: Settings, topics: list[str]) -> dict[str, int]:
+    """Return each topic's `max.message.bytes` as the broker reports it.
+
+    A topic that does not exist yet, or for which the broker reports nothing, gets
+    the broker's `message.max.bytes`, and failing that Kafka's default.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    options = settings.kafka_client_options()
+    admin = AIOKafkaAdminClient(**options)
+    await asyncio.wait_for(admin.start(), CONNECT_TIMEOUT)
+    try:
+        existing = set(await admin.list_topics())
+        asked = [
+            ConfigResource(ConfigResourceType.TOPIC, name, None)
+            for name in topics
+            if name in existing
+        ]
+        found: dict[str, int] = {}
+        for response in await admin.describe_configs(asked) if asked else []:
+            for _, _, _, name, entries in response.resources:
+                for key, value, *_ in entries:
+                    if key == "max.message.bytes" and value:
+                        found[name] = int(value)
+        default = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+        if len(found) < len(topics):
+            default = await _broker_message_max_bytes(admin) or default
+        return {name: found.get(name, default) for name in topics}
+    finally:
+        await admin.close()
+
+
+async def _broker_message_max_bytes(admin: Any) -> int | None:
+    """Return a broker's `message.max.bytes`, or None if it does not say."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    cluster = await admin.describe_cluster()
+    brokers = cluster.get("brokers") or []
+    if not brokers:
+        return None
+    resource = ConfigResource(ConfigResourceType.BROKER, str(brokers[0]["node_id"]), None)
+    try:
+        responses = await admin.describe_configs([resource])
+    except Exception:  # a broker that does not describe itself: Kafka's default applies
+        return None
+    for response in responses:
+        for _, _, _, _, entries in response.resources:
+            for key, value, *_ in entries:
+                if key == "message.max.bytes" and value:
+                    return int(value)
+    return None
 
 
 async def _refusal(settings: Settings, error: Exception) -> BrokerRefused:

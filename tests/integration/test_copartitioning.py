@@ -1,8 +1,10 @@
-"""A worker refuses topics whose partition counts would split a session from its buffer."""
+"""A worker refuses topics that would split a session from its buffer, or refuse its records."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import subprocess
 import sys
 
@@ -55,3 +57,40 @@ def test_a_changelog_with_another_partition_count_stops_the_worker(
     (line,) = refusal(result)
     assert f"{changelog} has 2 partitions" in line
     assert deployment.env["SESSIONS_INPUT_TOPIC"] + " has" not in line
+
+
+def create_with_limit(bootstrap: str, topic: str, max_message_bytes: int) -> None:
+    async def create() -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            config = {"max.message.bytes": str(max_message_bytes)}
+            await admin.create_topics([NewTopic(topic, 4, 1, topic_configs=config)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+
+
+def test_a_cap_whose_records_a_topic_would_refuse_stops_the_worker(
+    deployment: Deployment,
+) -> None:
+    # The test broker enforces no size limit, but it reports a topic's max.message.bytes:
+    # the worker must know before Kafka would refuse a record.
+    topic = deployment.env["SESSIONS_OUTPUT_TOPIC"] + "-small"
+    create_with_limit(deployment.broker.bootstrap, topic, 100_000)
+    deployment.env["SESSIONS_OUTPUT_TOPIC"] = topic
+    deployment.env["SESSIONS_MAX_BUFFER_BYTES"] = "200000"
+    result = start_worker_expecting_exit(deployment)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if "max.message.bytes" in line]
+    assert "SESSIONS_MAX_BUFFER_BYTES='200000' is invalid" in line
+    assert f"{topic} takes at most 100,000" in line
+    # The cap it names is one the topic takes: the worker starts with it.
+    fitting = re.search(r"lower the cap to ([\d,]+)", line)
+    assert fitting is not None
+    deployment.env["SESSIONS_MAX_BUFFER_BYTES"] = fitting.group(1).replace(",", "")
+    worker = deployment.start_worker()
+    assert worker.stats()["live_sessions"] == 0

@@ -157,11 +157,40 @@ def test_overflowing_buffer_is_flushed_and_the_session_goes_on() -> None:
         now_us=0,
         max_buffer_bytes=100,
     )
+    # The 120 pending bytes go out in heads of at most the cap, in order.
     assert [(r.value, dict(r.headers)) for r in result.expired] == [
-        (b"a" * 60 + b"b" * 60, {"reason": b"overflow", "seq": b"0"})
+        (b"a" * 60 + b"b" * 40, {"reason": b"overflow", "seq": b"0"}),
+        (b"b" * 20, {"reason": b"overflow", "seq": b"0"}),
     ]
     assert [(r.value, dict(r.headers)["seq"]) for r in result.records] == [(b"c" * 30, b"0")]
     assert result.overflows == 1
+
+
+def test_a_record_longer_than_the_cap_goes_out_in_pieces_none_longer_than_the_cap() -> None:
+    # One large fragment holds a whole record of 250 bytes, a cap of 100.
+    record = bytes(range(250))
+    result = apply_fragments(
+        [frag(0, b"s", record + b"\r\n" + b"tail")],
+        Buffers().get,
+        b"\r\n",
+        now_us=0,
+        max_buffer_bytes=100,
+    )
+    heads = [r.value for r in result.expired]
+    assert heads == [record[:100], record[100:200]]
+    assert {dict(r.headers)["reason"] for r in result.expired} == {b"overflow"}
+    assert [(r.value, dict(r.headers)["seq"]) for r in result.records] == [(record[200:], b"0")]
+    assert b"".join(heads) + result.records[0].value == record
+    assert result.writes[b"s"] is not None and result.writes[b"s"].pending == b"tail"
+
+
+def test_a_session_id_longer_than_kafka_can_carry_is_dead_lettered() -> None:
+    result = Buffers().apply([frag(0, b"k" * 1025, b"x\n"), frag(1, b"k" * 1024, b"y\n")])
+    (letter,) = result.dead_letters
+    assert letter.fragment.offset == 0
+    assert dict(letter.headers())["error.stage"] == b"validate"
+    assert b"1,025 bytes" in dict(letter.headers())["error.message"]
+    assert [r.value for r in result.records] == [b"y"]
 
 
 def test_reject_refuses_new_sessions_beyond_what_may_open() -> None:
@@ -326,9 +355,11 @@ def test_records_out_are_the_stream_cut_at_the_delimiter_and_flushes_lose_nothin
         assert heads.get(len(whole), b"") + pending == tail
         if state is not None:
             assert state.next_seq == len(whole)
-            if cap is not None:
-                # The cap holds, but for bytes that may begin a delimiter.
-                assert len(state.pending) <= max(cap, len(delimiter) - 1)
+        if cap is not None:
+            # Nothing stored or sent outgrows the cap (but for bytes that may begin a
+            # delimiter): what Kafka's record size limit is checked against at start.
+            assert len(pending) <= max(cap, len(delimiter) - 1)
+            assert all(len(r.value) <= cap for r in [*emitted, *expired])
 
 
 @settings(max_examples=300, deadline=None)

@@ -32,7 +32,7 @@ DOCUMENTED_DEFAULTS: dict[str, tuple[str, object]] = {
     "SESSIONS_MAX_SESSIONS": ("max_sessions", 1_000_000),
     "SESSIONS_ALARM_RATIO": ("alarm_ratio", 0.8),
     "SESSIONS_CAP_POLICY": ("cap_policy", "evict"),
-    "SESSIONS_MAX_BUFFER_BYTES": ("max_buffer_bytes", 1_048_576),
+    "SESSIONS_MAX_BUFFER_BYTES": ("max_buffer_bytes", 1_000_000),
     "SESSIONS_ALERTS_TOPIC": ("alerts_topic", "sessions-alerts"),
     "SESSIONS_HEAP_MIN_INTERVAL": ("heap_min_interval", 30.0),
     "SESSIONS_STALL_TIMEOUT": ("stall_timeout", 60.0),
