@@ -10,6 +10,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from faust.cli import AppCommand, option
@@ -76,6 +77,7 @@ async def produce(
         generated,
         seed,
         progress=sys.stderr.isatty(),
+        client_options=_security(),
     )
     print(
         f"sent {fragments} fragments of {sessions * records} records in {sessions} sessions "
@@ -107,6 +109,7 @@ async def verify(self: AppCommand, manifest: str, timeout: float) -> None:
         settings.output_topic,
         loadgen.Verification(expected),
         idle_timeout=timeout,
+        client_options=_security(),
     )
     print(check.summary())
     started = float(header["started"])
@@ -121,5 +124,14 @@ async def verify(self: AppCommand, manifest: str, timeout: float) -> None:
         raise SystemExit(1)
 
 
+def _security() -> dict[str, Any]:
+    """Return the client options beside the bootstrap servers: TLS and SASL, if configured."""
+    options = settings.kafka_client_options()
+    del options["bootstrap_servers"]
+    return options
+
+
 async def _create_topics(names: list[str]) -> None:
-    await create_topics(",".join(settings.bootstrap_servers), names, settings.partitions)
+    await create_topics(
+        ",".join(settings.bootstrap_servers), names, settings.partitions, **_security()
+    )

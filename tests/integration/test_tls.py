@@ -21,11 +21,10 @@ import pytest
 
 from sessions_app.tools.embedded_broker import (
     EmbeddedBroker,
+    create_topics_sync,
     free_port,
     wait_until_listening,
 )
-
-TOPICS = ("chunks", "records", "expired", "dlq", "alerts")
 
 
 @dataclass(frozen=True)
@@ -137,13 +136,14 @@ def deployment_env(tls: TLSBroker, name: str, root: Path) -> dict[str, str]:
         "SESSIONS_BROKER_SESSION_TIMEOUT": "2",
         "SESSIONS_BROKER_HEARTBEAT_INTERVAL": "0.5",
     }
-    for topic in TOPICS:
-        env[f"SESSIONS_{'INPUT' if topic == 'chunks' else topic.upper()}_TOPIC"] = (
-            f"tls-{name}-{topic}"
-        )
-    env["SESSIONS_OUTPUT_TOPIC"] = f"tls-{name}-records"
-    env.pop("SESSIONS_RECORDS_TOPIC", None)
-    env.pop("SESSIONS_CHUNKS_TOPIC", None)
+    for variable, topic in (
+        ("INPUT", "chunks"),
+        ("OUTPUT", "records"),
+        ("EXPIRED", "expired"),
+        ("DLQ", "dlq"),
+        ("ALERTS", "alerts"),
+    ):
+        env[f"SESSIONS_{variable}_TOPIC"] = f"tls-{name}-{topic}"
     return env
 
 
@@ -211,3 +211,50 @@ def test_a_refused_sasl_login_stops_the_worker_with_one_line_not_a_hang(tmp_path
     assert "did not accept SASL SCRAM-SHA-256 for user 'sessions'" in line
     assert "SESSIONS_SASL_PASSWORD" in line
     assert "not-the-password" not in result.stderr + result.stdout
+
+
+def test_produce_worker_and_verify_through_mutual_tls(
+    tls_broker: TLSBroker, tmp_path: Path
+) -> None:
+    env = deployment_env(tls_broker, "mtls", tmp_path)
+    names = [env[f"SESSIONS_{n}_TOPIC"] for n in ("INPUT", "OUTPUT", "EXPIRED", "DLQ", "ALERTS")]
+    create_topics_sync(
+        tls_broker.url.removeprefix("kafka://"),
+        names,
+        2,
+        security_protocol="SSL",
+        ssl_context=_client_context(tls_broker.certificates),
+    )
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "sessions_app", "worker", "-l", "info"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        manifest = tmp_path / "manifest.jsonl"
+        produced = run(
+            env, "produce", "--sessions", "200", "--records", "5", "--manifest", str(manifest)
+        )
+        assert produced.returncode == 0, produced.stderr[-3000:]
+        verified = run(env, "verify", "--manifest", str(manifest), "--timeout", "60")
+        assert verified.returncode == 0, (
+            verified.stdout + verified.stderr[-2000:] + log_path.read_text()[-3000:]
+        )
+        assert "missing:           0" in verified.stdout
+        assert "received:          1000" in verified.stdout
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    # Nothing the worker logged shows a secret or the key's contents.
+    assert "PRIVATE KEY" not in log_path.read_text()
+
+
+def _client_context(certificates: Certificates):  # type: ignore[no-untyped-def]
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    context.load_cert_chain(str(certificates.client_cert), str(certificates.client_key))
+    return context
