@@ -33,12 +33,19 @@ async def reassemble_sessions(stream: Any) -> None:
     # SESSIONS_BATCH_FRAGMENTS: larger batches cost less CPU per fragment, and the Python
     # heap keeps the high-water mark of what a batch builds (README, "Bounded memory").
     most = app.settings.batch_fragments
+    # A fetch that would take the batch past the bound starts the next one instead.
+    carried: tuple[int, ByPartition] | None = None
     while True:
-        fetches = [await intake.get()]
+        fetches = [carried if carried is not None else await intake.get()]
+        carried = None
         size = _size(fetches[0][1])
-        while size < most and not intake.empty():
-            fetches.append(intake.get_nowait())
-            size += _size(fetches[-1][1])
+        while not intake.empty():
+            fetch = intake.get_nowait()
+            if size + _size(fetch[1]) > most:
+                carried = fetch
+                break
+            fetches.append(fetch)
+            size += _size(fetch[1])
         # Rebalancing: wait; drop fetches from before it (recovery seeks, they come again)
         # and what belongs to partitions no longer ours.
         await flow_control.acquire()
