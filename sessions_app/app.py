@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -143,6 +144,7 @@ class SessionsApp(faust.App):
             settings.max_sessions,
             lambda: sum(self.pipeline.live_sessions().values()),
             self.heap_snapshots.last_size,
+            lambda: self.pipeline.progress.totals(time.time()),
         )
         # Started once the tables are recovered; the stall probe starts with the app, since
         # /livez answers from the start and the loop turns through recovery too.

@@ -81,6 +81,12 @@ class PartitionProgress:
         state = self.partitions.get(partition)
         return 0.0 if state is None else max(now - state.since, 0.0)
 
+    def totals(self, now: float) -> tuple[int | None, float]:
+        """Return the lag over every partition (None if one is not known) and fragments/s."""
+        lags = [state.lag for state in self.partitions.values()]
+        lag = None if any(lag is None for lag in lags) else sum(lag or 0 for lag in lags)
+        return lag, round(sum(self.rate(p, now) for p in self.partitions), 1)
+
     def as_dict(self, now: float) -> dict[str, dict[str, object]]:
         """Return each partition's offsets, lag, rate and seconds since progress, for JSON."""
         return {

@@ -22,6 +22,9 @@ class Sample:
     max_sessions: int
     rss_bytes: int
     heap_bytes: int | None
+    #: Input records after the committed offsets, and fragments/s, over the owned partitions.
+    lag: int | None
+    fragments_per_second: float
 
 
 class HistorySampler(Service):
@@ -34,6 +37,7 @@ class HistorySampler(Service):
         max_sessions: int,
         live_sessions: Callable[[], int],
         heap_bytes: Callable[[], int | None],
+        input_flow: Callable[[], tuple[int | None, float]],
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -42,15 +46,19 @@ class HistorySampler(Service):
         self._max_sessions = max_sessions
         self._live_sessions = live_sessions
         self._heap_bytes = heap_bytes
+        self._input_flow = input_flow
 
     def sample(self) -> Sample:
         """Add a point to the history and return it."""
+        lag, rate = self._input_flow()
         point = Sample(
             time.time(),
             self._live_sessions(),
             self._max_sessions,
             process_rss_bytes(),
             self._heap_bytes(),
+            lag,
+            rate,
         )
         self.samples.append(point)
         return point

@@ -196,3 +196,16 @@ def test_dashboard_in_chromium_shows_the_workers_numbers(busy_worker: Worker) ->
     assert (shown["sessions-drawn"], shown["memory-drawn"]) == (str(points), str(points))
     assert float(shown["sessions-drawn-last"]) == 220.0
     assert float(shown["memory-drawn-last"]) == float(shown["rss-mib"])
+    # The input's charts: the rate of the 440 fragments of the last minute, and no lag.
+    assert (shown["rate-drawn"], shown["lag-drawn"]) == (str(points), str(points))
+    assert float(shown["rate"]) == pytest.approx(440 / 60, abs=0.3)
+    assert float(shown["rate-drawn-last"]) == pytest.approx(float(shown["rate"]), abs=0.2)
+    assert (shown["lag"], float(shown["lag-drawn-last"])) == ("0", 0.0)
+    # The partitions and the census panels show the store's numbers.
+    assert re.search(r'data-partitions-shown="4"', body)
+    assert re.search(r'data-census-sessions="220"', body)
+    partitions = re.search(r'<tbody id="partitions">(.*?)</tbody>', dom, re.S)
+    assert partitions is not None and partitions.group(1).count("<tr>") == 4
+    assert "stalled" not in partitions.group(1)
+    census = re.search(r'<tbody id="census">(.*?)</tbody>', dom, re.S)
+    assert census is not None and ">1-64<" in census.group(1)
