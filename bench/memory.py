@@ -3,8 +3,10 @@
 Feeds distinct sessions, each left with an unfinished remnant of about 64
 bytes, into one sessions-app worker and one dict-design consumer on the
 same embedded broker and input, and prints both processes' RSS after
-100k, 1M and 5M sessions. Then it stops the worker with 100k idle sessions
-of another app, waits past the idle timeout, restarts it so all of them
+100k, 1M and 5M sessions, and what a census of them (GET /census/) costs the
+worker: its time, the longest event-loop stall meanwhile, and RSS. Then it
+stops the worker with 100k idle sessions of another app, waits past the
+idle timeout, restarts it so all of them
 expire in one sweep, and prints the longest event-loop stall meanwhile.
 
     .venv/bin/python -m bench.memory                 # 100k, 1M, 5M
@@ -15,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from bench.common import ROOT, bench_worker, mib, rss_bytes
 from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync
-from sessions_app.tools.harness import remnant_sessions, send_remnants
+from sessions_app.tools.harness import WorkerProcess, remnant_sessions, send_remnants
 
 REMNANT = b"r" * 64
 PARTITIONS = 8
@@ -109,6 +114,7 @@ def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
                 f"(worker caught up {took:.0f}s after the send)",
                 flush=True,
             )
+            census_cost(app)
         if len(rows) >= 2:
             (n0, a0, d0), (n1, a1, d1) = rows[0], rows[1]
             ratio = (a1 - a0) / max(d1 - d0, 1)
@@ -121,6 +127,29 @@ def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
         app.stop()
         dict_design.terminate()
         dict_design.wait()
+
+
+def census_cost(app: WorkerProcess) -> None:
+    """Take a census of the worker's sessions; print its time, loop stalls and RSS change."""
+    before = rss_bytes(app.pid)
+    result: dict[str, object] = {}
+    taker = threading.Thread(
+        target=lambda: result.update(json.loads(app.get("/census/", timeout=3600)))
+    )
+    taker.start()
+    worst = 0.0
+    while taker.is_alive():
+        with contextlib.suppress(OSError):
+            worst = max(worst, app.stats()["event_loop"]["max_stall_ms_last_10s"])
+        time.sleep(0.25)
+    taker.join()
+    worst = max(worst, app.stats()["event_loop"]["max_stall_ms_last_10s"])
+    print(
+        f"           census of {result['sessions']:,} sessions: {result['took_seconds']}s, "
+        f"longest event-loop stall meanwhile {worst:.1f} ms (target <= 50 ms), "
+        f"RSS {mib(before)} -> {mib(rss_bytes(app.pid))}",
+        flush=True,
+    )
 
 
 def expiry_stall(broker: EmbeddedBroker, workdir: Path, sessions: int, idle: float) -> None:
