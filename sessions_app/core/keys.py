@@ -37,6 +37,7 @@ IDLE = b"i"
 COUNT_KEY = b"c"
 WATERMARK_KEY = b"w"
 IDLE_END = b"j"  # first key after every idle-index key
+BUFFER_END = b"t"  # first key after every buffer key
 
 #: First bytes of the keys that go to the changelog, and of those derived from them locally.
 CHANGELOGGED = frozenset({BUFFER, MARKER, WATERMARK_KEY})

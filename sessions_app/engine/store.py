@@ -156,6 +156,15 @@ class ChangelogRecord(Protocol):
     def offset(self) -> int: ...
 
 
+def _scan_options() -> Any:
+    """Read options for a walk over every session: it must not evict the hot blocks."""
+    options = rocksdict.ReadOptions()
+    options.fill_cache(False)  # type: ignore[call-arg]  # the stub lacks its argument
+    options.set_iterate_upper_bound(keys.BUFFER_END)
+    options.set_readahead_size(2 * 1024 * 1024)
+    return options
+
+
 class PartitionStore:
     """One table partition's RocksDB instance, read and written through named operations."""
 
@@ -212,7 +221,7 @@ class PartitionStore:
         """
         start = keys.BUFFER if after is None else keys.buffer_key(after) + b"\0"
         found: list[tuple[bytes, int, int]] = []
-        for key, raw in self.db.items(from_key=start):
+        for key, raw in self.db.items(from_key=start, read_opt=_scan_options()):
             if key[:1] != keys.BUFFER or len(found) >= limit:
                 break
             try:

@@ -17,6 +17,9 @@ from typing import Any
 from sessions_app.core.census import Census, idle_bounds, pending_bounds
 from sessions_app.settings import Settings
 
+#: The longest the census holds the event loop between two turns of it.
+TURN = 0.01
+
 
 class SessionCensus:
     """The last census of the worker's sessions, and the taking of the next one."""
@@ -49,6 +52,7 @@ class SessionCensus:
             int(time.time() * 1_000_000),
         )
         partitions = self.pipeline.active_partitions()
+        turn = time.monotonic()
         for partition in partitions:
             after: bytes | None = None
             while True:
@@ -61,7 +65,10 @@ class SessionCensus:
                 if len(rows) < step:
                     break
                 after = rows[-1][0]
-                await asyncio.sleep(0)
+                # Let the stream run at least every TURN seconds, however fast a step is.
+                if time.monotonic() - turn >= TURN:
+                    await asyncio.sleep(0)
+                    turn = time.monotonic()
         return {
             "taken_at": time.time(),
             "took_seconds": round(time.monotonic() - started, 3),
