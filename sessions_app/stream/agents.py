@@ -9,12 +9,15 @@ persisted it. Found by Faust's autodiscover (sessions_app.app.DISCOVERED).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from sessions_app.app import app
 from sessions_app.core.batch import ByPartition
 from sessions_app.engine.intake import IntakeConsumer
 from sessions_app.stream.pipeline import StoreRefused
+
+logger = logging.getLogger(__name__)
 
 
 @app.agent(app.session_topics.fragments)
@@ -66,6 +69,14 @@ async def reassemble_sessions(stream: Any) -> None:
                 # RocksDB refuses every write until reopened: apply nothing more, ack nothing.
                 # The alarm is up; the partition monitor stops the worker after
                 # SESSIONS_STALL_TIMEOUT, and a restart recovers from the changelog.
+                await asyncio.Event().wait()
+            except Exception as exc:
+                # A batch that failed half-way must never be followed by the next one: Faust
+                # would restart this agent on the next fetch, and sessions would go on
+                # without the failed batch's fragments. Stop the worker instead: nothing
+                # of the batch was acked, so a restart reads it again.
+                logger.critical("A batch failed; stopping the worker: %r", exc, exc_info=exc)
+                await app.crash(exc)
                 await asyncio.Event().wait()
             # A rebalance while the batch was applied: leave it unacked. Its partitions were
             # seeked back to their committed offsets and read it again (skipped as applied);

@@ -117,6 +117,12 @@ class IdleExpiry(Service):
                     done = await self.sweep_step()
                 except StoreRefused:
                     return  # the partition monitor stops the worker; a restart recovers
+                except Exception as exc:
+                    # Half a sweep step must not be followed by another: stop the worker,
+                    # and the flush markers settle what the step left when it restarts.
+                    logger.critical("An idle sweep failed; stopping the worker: %r", exc)
+                    await self.app.crash(exc)
+                    return
             if done:
                 return
             await asyncio.sleep(0)
