@@ -209,7 +209,8 @@ class SessionsApp(faust.App):
         # Kafka refuses a record batch above the topic's max.message.bytes, and the test
         # broker never does: know it here, before a record is refused in production.
         kinds = {"output": settings.output_topic, "expired": settings.expired_topic}
-        limits = await record_limits(settings, [*kinds.values(), changelog])
+        limits = await record_limits(settings, [*kinds.values(), changelog, settings.dlq_topic])
+        self.delivery.dead_letter_limit = limits[settings.dlq_topic]
         too_large = size_problem(
             settings.max_buffer_bytes,
             settings.delimiter,

@@ -50,12 +50,17 @@ def size_problem(
     for kind in ("changelog", "output", "expired"):
         topic, limit = limits[kind]
         if largest[kind] > limit:
+            fitting = cap - (largest[kind] - limit)
+            remedy = (
+                f"lower the cap to {fitting:,} or raise the topic's max.message.bytes"
+                if fitting >= 1 and largest_records(fitting, delimiter)[kind] <= limit
+                else "raise the topic's max.message.bytes: no cap fits it"
+            )
             return (
                 "SESSIONS_MAX_BUFFER_BYTES",
                 f"the worker's {kind} records reach {largest[kind]:,} bytes with a "
                 f"{MAX_SESSION_ID_BYTES:,}-byte session ID, but {topic} takes at most "
-                f"{limit:,} (max.message.bytes): lower the cap to "
-                f"{cap - (largest[kind] - limit):,} or raise the topic's max.message.bytes",
+                f"{limit:,} (max.message.bytes): {remedy}",
             )
     topic, smallest = min(limits.values(), key=lambda named: named[1])
     if batch_size > smallest:

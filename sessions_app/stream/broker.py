@@ -11,11 +11,14 @@ handshake is tried again by itself to learn why.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from typing import Any
 
 from sessions_app.core.limits import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from sessions_app.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 #: How long the first contact may take before the worker gives up with a message.
 CONNECT_TIMEOUT = 30.0
@@ -78,13 +81,22 @@ async def record_limits(settings: Settings, topics: list[str]) -> dict[str, int]
         ]
         found: dict[str, int] = {}
         for response in await admin.describe_configs(asked) if asked else []:
-            for _, _, _, name, entries in response.resources:
+            for error_code, error_message, _, name, entries in response.resources:
+                if error_code:  # an ACL that denies DescribeConfigs, say
+                    logger.warning(
+                        "The broker did not describe %s (%s: %s)", name, error_code, error_message
+                    )
                 for key, value, *_ in entries:
                     if key == "max.message.bytes" and value:
                         found[name] = int(value)
         default = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
         if len(found) < len(topics):
             default = await _broker_message_max_bytes(admin) or default
+            logger.info(
+                "max.message.bytes not reported for %s: assuming %d",
+                ", ".join(name for name in topics if name not in found),
+                default,
+            )
         return {name: found.get(name, default) for name in topics}
     finally:
         await admin.close()

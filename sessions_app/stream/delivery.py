@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sessions_app.core.batch import DeadLetter, OutRecord
+from sessions_app.core.limits import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, RECORD_OVERHEAD
 
 #: (key, value, headers) of one record to produce.
 Outgoing = tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]
@@ -47,6 +48,8 @@ class Delivery:
     def __init__(self, app: Any, dead_letter_topic: Any) -> None:
         self._app = app
         self._dead_letter_topic = dead_letter_topic
+        #: The dead-letter topic's max.message.bytes, once the worker has read it at start.
+        self.dead_letter_limit = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
     async def hand_over(self, sends: Sends) -> InFlight:
         """Hand (key, value, headers) lists for their (topic, partition) to the producer."""
@@ -83,15 +86,31 @@ class Delivery:
         producer = self._app.producer
         dlq = self._dead_letter_topic.get_topic_name()
         # Dead letters go where the key's partitioner puts them: one send each, they are rare.
-        letters = [
-            await producer.send(
-                dlq, letter.fragment.key, letter.fragment.value, None, None, list(letter.headers())
+        letters = []
+        for letter in dead_letters:
+            value, headers = self._fitting(letter)
+            # Faust's producer: topic, key, value, partition, timestamp, headers.
+            letters.append(
+                await producer.send(dlq, letter.fragment.key, value, None, None, headers)
             )
-            for letter in dead_letters
-        ]
         in_flight = await self.hand_over(sends)
         in_flight.singles = letters
         return in_flight
+
+    def _fitting(self, letter: DeadLetter) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        """Return a dead letter's value and headers, the value cut to fit the topic's limit.
+
+        A fragment Kafka took on the input topic may not fit the dead-letter topic with the
+        error headers added: its head goes, with `error.value.bytes` saying how long it was.
+        """
+        value, headers = letter.fragment.value, list(letter.headers())
+        key = letter.fragment.key or b""
+        room = self.dead_letter_limit - RECORD_OVERHEAD - len(key)
+        room -= sum(len(name) + len(data) + 10 for name, data in headers) + 40
+        if value is not None and len(value) > room:
+            headers.append(("error.value.bytes", str(len(value)).encode()))
+            value = value[: max(room, 0)]
+        return value, headers
 
     async def deliver(self, outputs: Iterable[tuple[Any, int, Sequence[OutRecord]]]) -> None:
         """Send records to their topics and partitions and wait until the broker has them."""

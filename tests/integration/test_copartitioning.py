@@ -94,3 +94,21 @@ def test_a_cap_whose_records_a_topic_would_refuse_stops_the_worker(
     deployment.env["SESSIONS_MAX_BUFFER_BYTES"] = fitting.group(1).replace(",", "")
     worker = deployment.start_worker()
     assert worker.stats()["live_sessions"] == 0
+
+
+def test_a_dead_letter_larger_than_its_topic_takes_is_cut_to_fit_and_says_so(
+    deployment: Deployment,
+) -> None:
+    topic = deployment.env["SESSIONS_DLQ_TOPIC"] + "-small"
+    create_with_limit(deployment.broker.bootstrap, topic, 2_000)
+    deployment.env["SESSIONS_DLQ_TOPIC"] = topic
+    deployment.start_worker()
+    # A fragment without a key is dead-lettered; it is larger than the topic takes.
+    deployment.produce([(None, b"v" * 5_000, 0), (b"ok", b"fine\r\n", 0)])
+    (letter,) = deployment.read("dlq", 1)
+    assert letter.headers["error.stage"] == b"validate"
+    assert letter.headers["error.value.bytes"] == b"5000"
+    assert letter.value is not None and 0 < len(letter.value) < 2_000
+    assert letter.value == b"v" * len(letter.value)  # the head of the fragment, as it was
+    (record,) = deployment.read("output", 1)
+    assert record.value == b"fine"

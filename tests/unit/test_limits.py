@@ -58,3 +58,9 @@ def test_producer_batches_must_fit_the_smallest_topic() -> None:
     variable, why = size_problem(1000, b"\n", 600_000, limits(expired=500_000)) or ("", "")
     assert variable == "SESSIONS_PRODUCER_MAX_BATCH_SIZE"
     assert "exp" in why and "500,000" in why
+
+
+def test_when_no_cap_fits_the_remedy_says_so() -> None:
+    variable, why = size_problem(1000, b"\n", 100, limits(output=500)) or ("", "")
+    assert variable == "SESSIONS_MAX_BUFFER_BYTES"
+    assert "no cap fits it" in why and "lower the cap" not in why
