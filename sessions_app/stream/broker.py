@@ -127,6 +127,10 @@ async def _refusal(settings: Settings, error: Exception) -> BrokerRefused:
     """Return why the first contact failed, naming the settings to check."""
     url = f"SESSIONS_BROKER_URL={settings.broker_url}"
     protocol = settings.broker_security_protocol
+    if not await _reachable(settings):
+        return BrokerRefused(
+            f"cannot reach the broker at {url}: {type(error).__name__}: {error}", exit_status=1
+        )
     if protocol.endswith("SSL"):
         reason = await _tls_handshake_failure(settings)
         if reason is not None:
@@ -142,6 +146,19 @@ async def _refusal(settings: Settings, error: Exception) -> BrokerRefused:
         f"{type(error).__name__}: {error}",
         exit_status=1,
     )
+
+
+async def _reachable(settings: Settings) -> bool:
+    """Tell whether a TCP connection to the first bootstrap server opens at all."""
+    host, _, port = settings.bootstrap_servers[0].rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), CONNECT_TIMEOUT
+        )
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    return True
 
 
 async def _tls_handshake_failure(settings: Settings) -> str | None:

@@ -258,3 +258,20 @@ def _client_context(certificates: Certificates):  # type: ignore[no-untyped-def]
     context = ssl.create_default_context(cafile=str(certificates.ca))
     context.load_cert_chain(str(certificates.client_cert), str(certificates.client_key))
     return context
+
+
+def test_an_unreachable_broker_is_not_blamed_on_the_credentials(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "SESSIONS_BROKER_URL": f"kafka://127.0.0.1:{free_port()}",  # nothing listens there
+        "SESSIONS_BROKER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "SESSIONS_SASL_MECHANISM": "PLAIN",
+        "SESSIONS_SASL_USERNAME": "sessions",
+        "SESSIONS_SASL_PASSWORD": "not-the-password",
+        "SESSIONS_DATA_DIR": str(tmp_path / "data"),
+        "SESSIONS_WEB_PORT": str(free_port()),
+    }
+    result = run(env, "worker", "-l", "info", timeout=90)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = one_line(result, "sessions-app: cannot reach the broker at")
+    assert "SASL" not in line
