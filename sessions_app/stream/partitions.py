@@ -169,6 +169,13 @@ class PartitionMonitor(Service):
         if not task.cancelled() and task.exception() is not None:
             logger.warning("An alarm event was not sent: %r", task.exception())
 
+    def stalled_longest(self, now: float) -> tuple[int, float] | None:
+        """Return the partition stalled the longest and for how long, None if none is."""
+        if not self.stalls.stalled:
+            return None
+        partition, raised = min(self.stalls.stalled.items(), key=lambda item: item[1].since)
+        return partition, now - raised.since
+
     def alarms(self) -> list[dict[str, object]]:
         """Return the active stall and store alarms, for /alarms/ and the dashboard."""
         active: list[dict[str, object]] = [

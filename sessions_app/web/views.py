@@ -168,15 +168,23 @@ class CensusView(ReadOnlyView):
 
 @blueprint.route("/livez", name="livez")
 class LivenessView(ReadOnlyView):
-    """200 while the event loop turns: the stall probe woke up recently."""
+    """200 while the event loop turns and no partition has been stalled for long."""
 
     async def get(self, request: web.Request) -> web.Response:
         if bad := self.unknown_params(request):
             return bad
+        app = self.app
         now = asyncio.get_running_loop().time()
-        if self.app.loop_stalls.turning(now, self.app.settings.tuning.liveness_timeout):
-            return self.json({"status": "ok"})
-        return self.json({"status": "stalled"}, status=503)
+        if not app.loop_stalls.turning(now, app.settings.tuning.liveness_timeout):
+            return self.json({"status": "stalled", "reason": "the event loop"}, status=503)
+        # A consumer that stopped fetching with no error does not come back by itself: after
+        # twice SESSIONS_STALL_TIMEOUT, let the orchestrator restart the worker.
+        longest = app.partition_monitor.stalled_longest(time.time())
+        if longest is not None and longest[1] >= 2 * app.settings.stall_timeout:
+            partition, seconds = longest
+            reason = f"partition {partition} has lag and made no progress for {seconds:.0f} s"
+            return self.json({"status": "stalled", "reason": reason}, status=503)
+        return self.json({"status": "ok"})
 
 
 @blueprint.route("/readyz", name="readyz")

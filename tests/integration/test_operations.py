@@ -34,6 +34,14 @@ def readyz(worker: Worker) -> tuple[int, dict[str, Any]]:
             return err.code, json.loads(err.read())
 
 
+def livez(worker: Worker) -> tuple[int, dict[str, Any]]:
+    try:
+        return 200, json.loads(worker.get("/livez"))
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, json.loads(err.read())
+
+
 def test_lag_and_progress_per_partition_in_stats_and_metrics(deployment: Deployment) -> None:
     worker = deployment.start_worker()
     # 100 records to each of the 4 partitions, each fragment a complete record.
@@ -92,7 +100,11 @@ def test_a_partition_that_stops_moving_raises_the_stall_alarm_and_clears_it(
     assert alarms(worker)["transitions"] == [], "a stall before the freeze: slow the load"
     assert own_broker.process is not None
     own_broker.process.send_signal(signal.SIGSTOP)
+    fragments = sum(len(s.fragments) for s in sessions)
     try:
+        # Work was left: the stall is real, not an idle worker's stale lag.
+        at_freeze = worker.stats()["totals"]["fragments_consumed"]
+        assert at_freeze < fragments, "the input was drained before the freeze: grow the load"
         raised = worker.wait_until(
             lambda _: any(a["alarm"] == "stalled" for a in alarms(worker)["active"]),
             "the stall alarm raised",
@@ -102,9 +114,16 @@ def test_a_partition_that_stops_moving_raises_the_stall_alarm_and_clears_it(
         assert stall["partition"] == 0 and stall["lag"] > 0
         assert raised["partitions"]["0"]["seconds_since_progress"] >= 3
         assert "Partition 0 stalled" in worker.log()
+        # Stalled for twice SESSIONS_STALL_TIMEOUT: liveness fails, for a restart.
+        deadline = time.monotonic() + 30
+        while (live := livez(worker))[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert live[0] == 503 and "partition 0 has lag" in live[1]["reason"], live
     finally:
         own_broker.process.send_signal(signal.SIGCONT)
     worker.wait_until(lambda _: alarms(worker)["active"] == [], "the stall alarm cleared", 90)
+    assert livez(worker) == (200, {"status": "ok"})
+    assert worker.stats()["totals"]["fragments_consumed"] > at_freeze
     states = [(t["alarm"], t["state"]) for t in alarms(worker)["transitions"]]
     assert ("stalled", "raised") in states and ("stalled", "cleared") in states
     # The same two events reach the alerts topic, and nothing of the stream was lost.
