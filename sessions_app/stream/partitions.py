@@ -110,7 +110,13 @@ class PartitionMonitor(Service):
                 enable_auto_commit=False,
                 **self.settings.kafka_client_options(),
             )
-            await client.start()
+            try:
+                await client.start()
+            except BaseException:
+                # Unreachable, or cancelled by the read's timeout: close what it opened, or
+                # every look while the broker is away would leave a client behind.
+                await asyncio.shield(client.stop())
+                raise
             self._client = client
         return self._client
 
