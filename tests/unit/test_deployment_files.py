@@ -191,6 +191,18 @@ def test_the_secured_compose_variant_mounts_every_file_its_settings_name() -> No
         assert "SESSIONS_SASL_PASSWORD_FILE" in environment
     kafka = secured["services"]["kafka"]["environment"]
     assert "SASL_SSL://:9094" in kafka["KAFKA_LISTENERS"]
+    # What the apache/kafka image's start script requires once a listener is SSL or SASL:
+    # the keystore and its password files under /etc/kafka/secrets, a JAAS file in KAFKA_OPTS.
+    for required in (
+        "KAFKA_SSL_KEYSTORE_FILENAME",
+        "KAFKA_SSL_KEYSTORE_CREDENTIALS",
+        "KAFKA_SSL_KEY_CREDENTIALS",
+    ):
+        assert kafka[required]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in secured["services"]["kafka"]["volumes"]}
+    assert "/etc/kafka/secrets" in mounts
+    jaas = kafka["KAFKA_OPTS"].split("java.security.auth.login.config=", 1)[1]
+    assert (DOCKER / mounts[jaas]).is_file()  # the JAAS file is in the repository
     assert (
         kafka["KAFKA_SASL_ENABLED_MECHANISMS"]
         == (secured["services"]["worker-1"]["environment"]["SESSIONS_SASL_MECHANISM"])
