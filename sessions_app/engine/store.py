@@ -213,23 +213,30 @@ class PartitionStore:
                 break
         return found
 
-    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, int, int]]:
-        """Return up to `limit` (session ID, pending bytes, last seen) after session `after`.
+    def scan(
+        self, after: bytes | None, limit: int
+    ) -> tuple[list[tuple[bytes, int, int]], bytes | None]:
+        """Return (session ID, pending bytes, last seen) of up to `limit` sessions after `after`.
 
-        In session ID order, from the first session when `after` is None: a caller walks
-        every session in bounded steps, holding nothing of the ones it has passed.
+        In session ID order, from the first session when `after` is None; also the ID to
+        pass as `after` for the next step, None once every session was seen. A caller
+        walks every session in bounded steps, holding nothing of the ones it has passed.
         """
         start = keys.BUFFER if after is None else keys.buffer_key(after) + b"\0"
         found: list[tuple[bytes, int, int]] = []
-        for key, raw in self.db.items(from_key=start, read_opt=_scan_options()):
-            if key[:1] != keys.BUFFER or len(found) >= limit:
+        items = self.db.items(from_key=start, read_opt=_scan_options())
+        for seen, (key, raw) in enumerate(items, 1):
+            if key[:1] != keys.BUFFER:
                 break
             try:
                 last_seen, pending = activity_and_size(raw)
             except struct.error:
-                continue  # unreadable: the batch core dead-letters its fragments
-            found.append((key[1:], pending, last_seen))
-        return found
+                pass  # unreadable: the batch core dead-letters its fragments
+            else:
+                found.append((key[1:], pending, last_seen))
+            if seen >= limit:
+                return found, key[1:]
+        return found, None
 
     def markers(self) -> dict[bytes, keys.FlushMarker]:
         """Return the idle flushes in progress: session ID -> marker."""

@@ -59,12 +59,11 @@ class SessionCensus:
                 store = self.pipeline.store.partition(partition)
                 if store is None:
                     break  # revoked meanwhile: its sessions are another worker's now
-                rows = store.scan(after, step)
+                rows, after = store.scan(after, step)
                 for session_id, pending, last_seen in rows:
                     census.add(session_id, pending, last_seen)
-                if len(rows) < step:
+                if after is None:
                     break
-                after = rows[-1][0]
                 # Let the stream run at least every TURN seconds, however fast a step is.
                 if time.monotonic() - turn >= TURN:
                     await asyncio.sleep(0)
