@@ -208,53 +208,56 @@ class Settings:
             sasl_password=_sasl_password(env),
         )
         settings._check_together()
-        settings._check_security()
+        # A TLS file or SASL credential the protocol does not use is a mistake worth stopping
+        # for; SSL_CHECK_HOSTNAME, a switch with a default, is not.
+        given = {
+            name.removeprefix(PREFIX)
+            for name, raw in env.items()
+            if raw and name.startswith((PREFIX + "SSL_", PREFIX + "SASL_"))
+        }
+        settings._check_security(given - {"SSL_CHECK_HOSTNAME"})
         return settings
 
-    def _check_security(self) -> None:
+    def _check_security(self, given: set[str]) -> None:
+        """Check the TLS and SASL settings together; `given` names the variables set."""
         protocol = self.broker_security_protocol
         variable = PREFIX + "BROKER_SECURITY_PROTOCOL"
-        tls = {
-            "SSL_CAFILE": self.ssl_cafile,
-            "SSL_CERTFILE": self.ssl_certfile,
-            "SSL_KEYFILE": self.ssl_keyfile,
-            "SSL_KEY_PASSWORD": self.ssl_key_password,
-        }
-        sasl = {
-            "SASL_MECHANISM": self.sasl_mechanism,
-            "SASL_USERNAME": self.sasl_username,
-            "SASL_PASSWORD": self.sasl_password,
-        }
-        if not protocol.endswith("SSL"):
-            for name, value in tls.items():
-                if value is not None:
-                    raise SettingsError(
-                        PREFIX + name,
-                        "<hidden>" if "PASSWORD" in name else value,
-                        f"must not be set: {variable}={protocol} does not use TLS "
-                        "(use SSL or SASL_SSL)",
-                    )
+        for name in sorted(given):
+            unused = (name.startswith("SSL_") and not protocol.endswith("SSL")) or (
+                name.startswith("SASL_") and not protocol.startswith("SASL")
+            )
+            if unused:
+                what = "TLS (use SSL or SASL_SSL)" if name.startswith("SSL_") else "SASL"
+                if name.startswith("SASL_"):
+                    what += " (use SASL_PLAINTEXT or SASL_SSL)"
+                raise SettingsError(
+                    PREFIX + name,
+                    "<hidden>" if "PASSWORD" in name and "FILE" not in name else _given(self, name),
+                    f"must not be set: {variable}={protocol} does not use {what}",
+                )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            given = "SSL_CERTFILE" if self.ssl_certfile is not None else "SSL_KEYFILE"
-            missing = "SSL_KEYFILE" if given == "SSL_CERTFILE" else "SSL_CERTFILE"
+            present = "SSL_CERTFILE" if self.ssl_certfile is not None else "SSL_KEYFILE"
+            missing = "SSL_KEYFILE" if present == "SSL_CERTFILE" else "SSL_CERTFILE"
             raise SettingsError(
-                PREFIX + missing, "", f"must be set with {PREFIX}{given} (mutual TLS takes both)"
+                PREFIX + missing, "", f"must be set with {PREFIX}{present} (mutual TLS takes both)"
+            )
+        if self.ssl_key_password is not None and self.ssl_keyfile is None:
+            raise SettingsError(
+                PREFIX + "SSL_KEY_PASSWORD",
+                "<hidden>",
+                "must be set only with SESSIONS_SSL_KEYFILE, the key it opens",
             )
         if protocol.startswith("SASL"):
-            for name, value in sasl.items():
+            required = {
+                "SASL_MECHANISM": self.sasl_mechanism,
+                "SASL_USERNAME": self.sasl_username,
+                "SASL_PASSWORD": self.sasl_password,
+            }
+            for name, value in required.items():
                 if value is None:
                     what = " (or SESSIONS_SASL_PASSWORD_FILE)" if name == "SASL_PASSWORD" else ""
                     raise SettingsError(
                         PREFIX + name, "", f"must be set with {variable}={protocol}{what}"
-                    )
-        else:
-            for name, value in sasl.items():
-                if value is not None:
-                    raise SettingsError(
-                        PREFIX + name,
-                        "<hidden>" if "PASSWORD" in name else value,
-                        f"must not be set: {variable}={protocol} does not use SASL "
-                        "(use SASL_PLAINTEXT or SASL_SSL)",
                     )
         if protocol.endswith("SSL"):
             self.ssl_context()  # a certificate, key or password that cannot be used stops here
@@ -320,6 +323,12 @@ def parse_delimiter(variable: str, raw: str) -> bytes:
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _given(settings: Settings, name: str) -> str:
+    """Return a security variable's value as given, for an error line (never a secret)."""
+    value = getattr(settings, name.lower(), None)
+    return str(value) if value is not None else ""
 
 
 def _readable_file(variable: str, raw: str) -> str:

@@ -42,7 +42,8 @@ def bad(env: dict[str, str]) -> SettingsError:
 
 
 def test_plaintext_is_the_default_and_gives_plain_client_options() -> None:
-    settings = Settings.from_env({})
+    # Another program's variables of the same shape are none of ours.
+    settings = Settings.from_env({"SSL_CERT_FILE": "/etc/ssl/x.pem", "SASL_USER": "u"})
     assert settings.broker_security_protocol == "PLAINTEXT"
     assert settings.kafka_client_options() == {
         "bootstrap_servers": ["127.0.0.1:9092"],
@@ -144,6 +145,12 @@ def test_sasl_over_tls_with_the_password_from_a_file(pem: dict[str, Path]) -> No
             "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
         ),
         ({"SESSIONS_SASL_PASSWORD": SECRET}, "SASL_PASSWORD", "does not use SASL"),
+        ({"SESSIONS_SASL_PASSWORD_FILE": "{password}"}, "SASL_PASSWORD_FILE", "does not use SASL"),
+        (
+            {"SESSIONS_BROKER_SECURITY_PROTOCOL": "SSL", "SESSIONS_SSL_KEY_PASSWORD": SECRET},
+            "SSL_KEY_PASSWORD",
+            "only with SESSIONS_SSL_KEYFILE",
+        ),
         (
             {"SESSIONS_SASL_PASSWORD": SECRET, "SESSIONS_SASL_PASSWORD_FILE": "{password}"},
             "SASL_PASSWORD_FILE",
