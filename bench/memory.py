@@ -180,23 +180,28 @@ def expiry_stall(broker: EmbeddedBroker, workdir: Path, sessions: int, idle: flo
     app.stop()
     time.sleep(idle + 1)
     app.start()
-    worst = 0.0
+    worst = recovering = 0.0
     began = time.monotonic()
     try:
         while True:
             stats = app.wait_until(lambda s: True, "an answer", timeout=60, poll=0.5)
-            if stats["totals"]["sessions_expired"] > 0:
-                worst = max(worst, stats["event_loop"]["max_stall_ms_last_10s"])
+            # The stall probe runs from the start: its first 10 s window holds the recovery
+            # of the restarted worker's tables, which is not what the sweep costs.
+            stall = stats["event_loop"]["max_stall_ms_last_10s"]
+            if time.monotonic() - began <= 10.5:
+                recovering = max(recovering, stall)
+            elif stats["totals"]["sessions_expired"] > 0:
+                worst = max(worst, stall)
             # Done when none is left (a few may have expired before the restart).
             if stats["totals"]["sessions_expired"] > 0 and stats["live_sessions"] == 0:
                 break
             time.sleep(0.2)
         took = time.monotonic() - began
-        worst = max(worst, app.stats()["event_loop"]["max_stall_ms_last_10s"])
         expired = app.stats()["totals"]["sessions_expired"]
         print(
             f"expiry of {sessions:,} idle sessions ({expired:,} after the restart): {took:.1f}s, "
-            f"longest event-loop stall {worst:.1f} ms (target < 100 ms)"
+            f"longest event-loop stall {worst:.1f} ms (target < 100 ms); in the 10 s of "
+            f"the restart's recovery {recovering:.1f} ms"
         )
     finally:
         app.stop()
