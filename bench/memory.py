@@ -131,6 +131,11 @@ def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
 
 def census_cost(app: WorkerProcess) -> None:
     """Take a census of the worker's sessions; print its time, loop stalls and RSS change."""
+    # The stall window is the last 10 s: wait until it no longer holds the load's batches.
+    quiet = app.wait_until(
+        lambda s: s["event_loop"]["max_stall_ms_last_10s"] < 50, "a quiet loop", 60, 0.5
+    )
+    assert quiet
     before = rss_bytes(app.pid)
     result: dict[str, object] = {}
     taker = threading.Thread(

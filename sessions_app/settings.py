@@ -51,8 +51,8 @@ class Tuning:
     liveness_timeout: float = 10.0
     #: How often partition offsets are read from the broker and stalls looked for.
     progress_period: float = 2.0
-    #: Sessions a census reads between two turns of the event loop, and how long one is reused.
-    census_step: int = 500
+    #: Sessions a census reads between looks at the clock, and how long one is reused.
+    census_step: int = 256
     census_min_interval: float = 30.0
     #: The dashboard's history: a sample every period, an hour of them.
     history_period: float = 10.0

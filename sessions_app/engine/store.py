@@ -23,7 +23,7 @@ Faust internals used here (`_dbs`, `_db_for_partition`, `offset_key`,
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -213,30 +213,26 @@ class PartitionStore:
                 break
         return found
 
-    def scan(
-        self, after: bytes | None, limit: int
-    ) -> tuple[list[tuple[bytes, int, int]], bytes | None]:
-        """Return (session ID, pending bytes, last seen) of up to `limit` sessions after `after`.
+    def sessions(self) -> Iterator[tuple[bytes, int, int]]:
+        """Yield (session ID, pending bytes, last seen) of every session, in ID order.
 
-        In session ID order, from the first session when `after` is None; also the ID to
-        pass as `after` for the next step, None once every session was seen. A caller
-        walks every session in bounded steps, holding nothing of the ones it has passed.
+        One iterator over one snapshot, which a caller may hold across turns of the
+        event loop: it walks every session in bounded steps, holding nothing of the
+        ones it has passed, and leaves the block cache to the hot blocks.
         """
-        start = keys.BUFFER if after is None else keys.buffer_key(after) + b"\0"
-        found: list[tuple[bytes, int, int]] = []
-        items = self.db.items(from_key=start, read_opt=_scan_options())
-        for seen, (key, raw) in enumerate(items, 1):
+        walk = self.db.iter(_scan_options())
+        walk.seek(keys.BUFFER)
+        while walk.valid():
+            key = walk.key()
             if key[:1] != keys.BUFFER:
-                break
+                return
             try:
-                last_seen, pending = activity_and_size(raw)
+                last_seen, pending = activity_and_size(walk.value())
             except struct.error:
                 pass  # unreadable: the batch core dead-letters its fragments
             else:
-                found.append((key[1:], pending, last_seen))
-            if seen >= limit:
-                return found, key[1:]
-        return found, None
+                yield key[1:], pending, last_seen
+            walk.next()
 
     def markers(self) -> dict[bytes, keys.FlushMarker]:
         """Return the idle flushes in progress: session ID -> marker."""

@@ -1,9 +1,9 @@
 """The census of the sessions in RocksDB, taken in bounded steps so the stream keeps flowing.
 
 A census walks every session of the worker's active partitions: at millions
-of sessions that is seconds of work, so it goes `Tuning.census_step`
-sessions at a time, yielding the event loop between steps, and a census is
-reused for `Tuning.census_min_interval` seconds. It keeps counters and the
+of sessions that is seconds of work, so it yields the event loop every TURN
+seconds (looking at the clock every `Tuning.census_step` sessions), and a
+census is reused for `Tuning.census_min_interval` seconds. It keeps counters and the
 few largest and longest idle sessions (sessions_app/core/census.py), never
 an object per session.
 """
@@ -54,20 +54,17 @@ class SessionCensus:
         partitions = self.pipeline.active_partitions()
         turn = time.monotonic()
         for partition in partitions:
-            after: bytes | None = None
-            while True:
-                store = self.pipeline.store.partition(partition)
-                if store is None:
-                    break  # revoked meanwhile: its sessions are another worker's now
-                rows, after = store.scan(after, step)
-                for session_id, pending, last_seen in rows:
-                    census.add(session_id, pending, last_seen)
-                if after is None:
-                    break
-                # Let the stream run at least every TURN seconds, however fast a step is.
-                if time.monotonic() - turn >= TURN:
+            store = self.pipeline.store.partition(partition)
+            if store is None:
+                continue
+            for counted, (session_id, pending, last_seen) in enumerate(store.sessions(), 1):
+                census.add(session_id, pending, last_seen)
+                # Let the stream run at least every TURN seconds.
+                if counted % step == 0 and time.monotonic() - turn >= TURN:
                     await asyncio.sleep(0)
                     turn = time.monotonic()
+                    if self.pipeline.store.partition(partition) is None:
+                        break  # revoked meanwhile: its sessions are another worker's now
         return {
             "taken_at": time.time(),
             "took_seconds": round(time.monotonic() - started, 3),
