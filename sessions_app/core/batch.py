@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from sessions_app.core.keys import MAX_SESSION_ID_BYTES
 from sessions_app.core.reassembly import cut_records, unfinished_delimiter
-from sessions_app.core.session_state import SessionState
+from sessions_app.core.session_state import CorruptSessionState, SessionState
 
 Headers = tuple[tuple[str, bytes], ...]
 
@@ -69,7 +69,7 @@ class BatchResult:
 
     `writes` maps a session to its new state, or None to delete it; `before`
     holds the stored state of every session in `writes` as the batch found
-    it.
+    it; `chunks` the chunk keys of pending bytes to write or delete.
     """
 
     records: list[OutRecord] = field(default_factory=list)
@@ -77,6 +77,8 @@ class BatchResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     writes: dict[bytes, SessionState | None] = field(default_factory=dict)
     before: dict[bytes, SessionState | None] = field(default_factory=dict)
+    #: Chunk keys to write, (session ID, index) -> bytes, or None to delete; the last op wins.
+    chunks: dict[tuple[bytes, int], bytes | None] = field(default_factory=dict)
     fragments_replayed: int = 0
     sessions_opened: int = 0
     sessions_closed: int = 0
@@ -126,6 +128,42 @@ class CapacityReached(RuntimeError):
     """The worker holds as many sessions as SESSIONS_MAX_SESSIONS allows."""
 
 
+#: Pending bytes a session keeps inline in its buffer; past this they go into chunk keys.
+INLINE_LIMIT = 1024
+
+#: Reads the chunks of these indices of a session from the store.
+ChunkLoader = Callable[[bytes, list[int]], list[bytes]]
+
+
+def _no_chunks(session_id: bytes, indices: list[int]) -> list[bytes]:
+    raise CorruptSessionState(f"the buffer names {len(indices)} chunks, but no store holds any")
+
+
+def pending_of(
+    session_id: bytes,
+    state: SessionState,
+    chunks: dict[tuple[bytes, int], bytes | None],
+    load_chunks: ChunkLoader,
+) -> bytes:
+    """Return all of a session's pending bytes: its chunks, read back once, then the inline."""
+    if not state.chunks:
+        return state.pending
+    written = [chunks.get((session_id, index)) for index in range(state.chunks)]
+    # Those this batch has not written are in the store.
+    missing = [index for index, piece in enumerate(written) if piece is None]
+    stored = dict(zip(missing, load_chunks(session_id, missing), strict=True)) if missing else {}
+    pieces = [stored[index] if piece is None else piece for index, piece in enumerate(written)]
+    return b"".join(pieces) + state.pending
+
+
+def drop_chunks(
+    session_id: bytes, state: SessionState, chunks: dict[tuple[bytes, int], bytes | None]
+) -> None:
+    """Delete a session's chunk keys (a later write in the same batch may put one back)."""
+    for index in range(state.chunks):
+        chunks[(session_id, index)] = None
+
+
 def apply_fragments(
     fragments: Iterable[Fragment],
     load: Callable[[bytes], bytes | None],
@@ -134,11 +172,20 @@ def apply_fragments(
     max_buffer_bytes: int | None = None,
     may_open: int | None = None,
     applied_through: int = -1,
+    load_chunks: ChunkLoader = _no_chunks,
+    inline_limit: int = INLINE_LIMIT,
 ) -> BatchResult:
     """Apply fragments in order; `load` returns a session's stored buffer or None.
 
     The fragment at position i of the batch is stamped as active at `now_us + i`
     (see ActivityClock).
+
+    Pending bytes past `inline_limit` move into chunk keys, one per fragment from
+    then on, so a fragment is written once whatever the session holds, and the
+    chunks (`load_chunks` reads them) are read back once, when their record
+    completes, overflows or the session ends. The delimiter is looked for in the
+    new fragment and the few bytes before it that may begin one, never in the
+    chunks: they never end inside a possible delimiter.
 
     A session whose pending bytes would exceed `max_buffer_bytes` has them
     flushed as expired remnants (reason `overflow`) of at most that many bytes
@@ -201,7 +248,11 @@ def apply_fragments(
         try:
             if fragment.value is None:
                 if state is not None:
-                    _close(key, state, result)
+                    pending = pending_of(key, state, result.chunks, load_chunks)
+                    result.sessions_closed += 1
+                    if pending:
+                        result.expired.append(remnant(key, pending, state.next_seq, "closed"))
+                    drop_chunks(key, state, result.chunks)
                     states[key] = None
                     writes[key] = None
                     live_delta -= 1
@@ -215,25 +266,55 @@ def apply_fragments(
                 state = _EMPTY
                 result.sessions_opened += 1
                 live_delta += 1
+            # Everything the fragment changes is staged here and taken only if it all works.
+            emitted: list[OutRecord] = []
+            flushed: list[OutRecord] = []
+            chunk_ops: dict[tuple[bytes, int], bytes | None] = {}
             records, pending = cut_records(state.pending, fragment.value, delimiter)
+            chunks, spilled = state.chunks, state.spilled
+            if chunks and records:
+                # The first record began in the chunks: read them back, once, and drop them.
+                spilled_bytes = pending_of(
+                    key, state._replace(pending=b""), result.chunks, load_chunks
+                )
+                records[0] = spilled_bytes + records[0]
+                drop_chunks(key, state, chunk_ops)
+                chunks = spilled = 0
             seq = state.next_seq
             for record in records:
                 if max_buffer_bytes is not None and len(record) > max_buffer_bytes:
                     # A record longer than the cap (one large fragment): its heads go out as
                     # overflow remnants, so no record sent is longer than the cap either.
                     tail = (len(record) - 1) // max_buffer_bytes * max_buffer_bytes
-                    _overflow(key, seq, record[:tail], max_buffer_bytes, result)
+                    flushed += _overflow(key, seq, record[:tail], max_buffer_bytes)
                     record = record[tail:]
-                out.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
+                emitted.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
                 seq += 1
-            if max_buffer_bytes is not None and len(pending) > max_buffer_bytes:
-                # Bytes that may begin a delimiter stay: the next fragment may complete it.
-                head = len(pending) - unfinished_delimiter(pending, delimiter)
-                if head:
-                    _overflow(key, seq, pending[:head], max_buffer_bytes, result)
-                    pending = pending[head:]
+            # Bytes that may begin a delimiter stay inline: the next fragment may complete it.
+            keep = unfinished_delimiter(pending, delimiter)
+            if max_buffer_bytes is not None and spilled + len(pending) > max_buffer_bytes:
+                whole = pending_of(
+                    key, state._replace(pending=pending, chunks=chunks), result.chunks, load_chunks
+                )
+                cut = len(whole) - keep
+                if cut:
+                    flushed += _overflow(key, seq, whole[:cut], max_buffer_bytes)
+                    pending = whole[cut:]
+                    drop_chunks(key, state._replace(chunks=chunks), chunk_ops)
+                    chunks = spilled = 0
+            if (chunks or len(pending) > inline_limit) and len(pending) > keep:
+                # Into a chunk of its own: written once, read back once.
+                chunk_ops[(key, chunks)] = pending[: len(pending) - keep]
+                spilled += len(pending) - keep
+                chunks += 1
+                pending = pending[len(pending) - keep :]
             # One microsecond per position keeps the sessions of a batch in arrival order.
-            new_state = SessionState(offset, seq, now_us + position, pending)
+            new_state = SessionState(offset, seq, now_us + position, pending, chunks, spilled)
+            out += emitted
+            result.expired += flushed
+            if flushed:
+                result.overflows += 1
+            result.chunks.update(chunk_ops)
         except CapacityReached as exc:
             result.dead_letters.append(
                 DeadLetter(fragment, "capacity", type(exc).__name__, str(exc))
@@ -249,25 +330,14 @@ def apply_fragments(
     return result
 
 
-def _overflow(key: bytes, seq: int, head: bytes, cap: int, result: BatchResult) -> None:
-    """Flush the head of record `seq` as overflow remnants of at most `cap` bytes each."""
-    for start in range(0, len(head), cap):
-        part = head[start : start + cap]
-        result.expired.append(remnant(key, SessionState(next_seq=seq, pending=part), "overflow"))
-    result.overflows += 1
+def _overflow(key: bytes, seq: int, head: bytes, cap: int) -> list[OutRecord]:
+    """Return the head of record `seq` as overflow remnants of at most `cap` bytes each."""
+    return [
+        remnant(key, head[start : start + cap], seq, "overflow")
+        for start in range(0, len(head), cap)
+    ]
 
 
-def _close(key: bytes, state: SessionState, result: BatchResult) -> None:
-    """End a session on a tombstone: its pending bytes, if any, become an expired remnant."""
-    result.sessions_closed += 1
-    if state.pending:
-        result.expired.append(remnant(key, state, "closed"))
-
-
-def remnant(key: bytes, state: SessionState, reason: str) -> OutRecord:
+def remnant(key: bytes, pending: bytes, next_seq: int, reason: str) -> OutRecord:
     """Return the expired-topic record for a session's pending bytes."""
-    return OutRecord(
-        key,
-        state.pending,
-        (("reason", reason.encode()), ("seq", str(state.next_seq).encode())),
-    )
+    return OutRecord(key, pending, (("reason", reason.encode()), ("seq", str(next_seq).encode())))

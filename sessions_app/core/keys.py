@@ -1,15 +1,19 @@
 """Key layout of a session_buffers partition in RocksDB: pure byte encoding.
 
-One RocksDB instance per table partition holds five kinds of keys, told
+One RocksDB instance per table partition holds six kinds of keys, told
 apart by their first byte:
 
     b"s" + session_id                    -> SessionState bytes        changelogged
+    b"k" + session_id + index (4, BE)    -> a chunk of pending bytes  changelogged
     b"x" + session_id                    -> FlushMarker bytes         changelogged
     b"w"                                 -> input offset (8, BE)      changelogged
     b"i" + last_seen_us (8, BE) + sid    -> b""                       local only
     b"c"                                 -> live session count (8, BE) local only
 
-`s` keys are the session buffers. `x` keys are idle flushes in progress:
+`s` keys are the session buffers. `k` keys hold the first pending bytes of a
+session whose pending bytes outgrew its buffer, one chunk per fragment; the
+buffer says how many (sessions_app/core/session_state.py). The index has a
+fixed width, so no two sessions' chunk keys can be equal. `x` keys are idle flushes in progress:
 written (with the buffer's tombstone) before the remnant is sent, deleted
 after, so a crash in between can be resolved without losing or repeating
 the flush. `i` keys are the idle index, ordered by last activity, so the
@@ -17,7 +21,7 @@ oldest sessions are the first keys after b"i". `c` is the number of `s` keys.
 `w` is the partition's watermark: every input fragment at or below it has
 been applied, so a replayed one is skipped even when its session has since
 been closed, expired or evicted and has no buffer to compare with.
-Only `s`, `x` and `w` keys go to the changelog (CHANGELOGGED); `i` and `c`
+Only `s`, `k`, `x` and `w` keys go to the changelog (CHANGELOGGED); `i` and `c`
 are derived from them (LOCAL_ONLY), in the same write batch, both when the
 pipeline writes and when changelog records are applied during recovery.
 """
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 MAX_SESSION_ID_BYTES = 1024
 
 BUFFER = b"s"
+CHUNK = b"k"
 MARKER = b"x"
 IDLE = b"i"
 COUNT_KEY = b"c"
@@ -40,17 +45,23 @@ IDLE_END = b"j"  # first key after every idle-index key
 BUFFER_END = b"t"  # first key after every buffer key
 
 #: First bytes of the keys that go to the changelog, and of those derived from them locally.
-CHANGELOGGED = frozenset({BUFFER, MARKER, WATERMARK_KEY})
+CHANGELOGGED = frozenset({BUFFER, CHUNK, MARKER, WATERMARK_KEY})
 LOCAL_ONLY = frozenset({IDLE, COUNT_KEY})
 
 _MS = struct.Struct(">q")
 _COUNT = struct.Struct(">q")
 _MARKER = struct.Struct(">BqQ")
+_CHUNK_INDEX = struct.Struct(">I")
 
 
 def buffer_key(session_id: bytes) -> bytes:
     """Return the table key of a session's buffer."""
     return BUFFER + session_id
+
+
+def chunk_key(session_id: bytes, index: int) -> bytes:
+    """Return the table key of a session's chunk of pending bytes number `index`."""
+    return CHUNK + session_id + _CHUNK_INDEX.pack(index)
 
 
 def marker_key(session_id: bytes) -> bytes:

@@ -33,6 +33,7 @@ from faust.stores.rocksdb import Store as FaustRocksDBStore
 from faust.types import EventT
 
 from sessions_app.core import keys
+from sessions_app.core.batch import pending_of
 from sessions_app.core.session_state import CorruptSessionState, SessionState, activity_and_size
 
 #: A quarter of the budget for memtables, charged to the block cache.
@@ -116,6 +117,7 @@ def prepare_write(
     encoded: Mapping[bytes, bytes | None],
     markers: Mapping[bytes, bytes | None] | None = None,
     watermark: int | None = None,
+    chunks: Mapping[tuple[bytes, int], bytes | None] | None = None,
 ) -> PreparedWrite:
     """Build the write batch for buffers (None deletes), their index entries and markers.
 
@@ -135,6 +137,11 @@ def prepare_write(
             batch.put(keys.buffer_key(session_id), encoded[session_id])
             batch.put(keys.idle_key(state.last_seen_us, session_id), b"")
             delta += 1
+    for (session_id, index), chunk in (chunks or {}).items():
+        if chunk is None:
+            batch.delete(keys.chunk_key(session_id, index))
+        else:
+            batch.put(keys.chunk_key(session_id, index), chunk)
     for session_id, marker in (markers or {}).items():
         if marker is None:
             batch.delete(keys.marker_key(session_id))
@@ -181,6 +188,22 @@ class PartitionStore:
             return get(prefix + session_id)  # type: ignore[no-any-return]
 
         return load
+
+    def chunk_loader(self) -> Callable[[bytes, list[int]], list[bytes]]:
+        """Return a function giving the chunks of these indices of a session's pending bytes."""
+        get = self.db.get
+
+        def load_chunks(session_id: bytes, indices: list[int]) -> list[bytes]:
+            chunks = [get(keys.chunk_key(session_id, index)) for index in indices]
+            if any(chunk is None for chunk in chunks):
+                raise CorruptSessionState(f"chunks {indices} of the session are not all stored")
+            return chunks
+
+        return load_chunks
+
+    def pending(self, session_id: bytes, state: SessionState) -> bytes:
+        """Return all of a stored session's pending bytes, its chunks read back."""
+        return pending_of(session_id, state, {}, self.chunk_loader())
 
     def session(self, session_id: bytes) -> SessionState | None:
         """Return a session's stored state, or None if it has none."""

@@ -25,8 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
 from sessions_app.core import keys
-from sessions_app.core.batch import OutRecord, remnant
-from sessions_app.core.session_state import SessionState
+from sessions_app.core.batch import OutRecord, drop_chunks, remnant
 from sessions_app.settings import Settings
 from sessions_app.stream.pipeline import ChangeSet, PartitionChanges, Pipeline, StoreRefused
 
@@ -169,10 +168,14 @@ class IdleExpiry(Service):
                     continue
                 change.writes[session_id] = None
                 change.before[session_id] = state
-                if state.pending:
-                    marker = keys.FlushMarker(scan_from[partition], state.next_seq, state.pending)
+                pending = opened.pending(session_id, state)
+                drop_chunks(session_id, state, change.chunks)
+                if pending:
+                    marker = keys.FlushMarker(scan_from[partition], state.next_seq, pending)
                     change.markers[session_id] = marker.encode()
-                    flushes.setdefault(partition, []).append(remnant(session_id, state, "idle"))
+                    flushes.setdefault(partition, []).append(
+                        remnant(session_id, pending, state.next_seq, "idle")
+                    )
         expired = pipeline.topics.expired
         await pipeline.commit(ChangeSet(changes))
         await pipeline.commit(ChangeSet(outputs=[(expired, p, r) for p, r in flushes.items()]))
@@ -221,7 +224,7 @@ class IdleExpiry(Service):
             wanted = {(session_id, m.seq) for session_id, m in done.items()}
             present = await self.reader.flushes_present(partition, start, wanted)
         missing = [
-            remnant(session_id, SessionState(next_seq=m.seq, pending=m.pending), "idle")
+            remnant(session_id, m.pending, m.seq, "idle")
             for session_id, m in done.items()
             if (session_id, m.seq) not in present
         ]

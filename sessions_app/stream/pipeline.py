@@ -24,6 +24,8 @@ from sessions_app.core.batch import (
     DeadLetter,
     OutRecord,
     apply_fragments,
+    drop_chunks,
+    pending_of,
     remnant,
 )
 from sessions_app.core.capacity import Candidate, choose_evictions
@@ -37,6 +39,10 @@ from sessions_app.stream.monitoring import CapacityMonitor
 from sessions_app.stream.topics import SessionTopics
 
 logger = logging.getLogger(__name__)
+
+
+def _no_store(session_id: bytes, indices: list[int]) -> list[bytes]:
+    raise StoreRefused("the partition was revoked while its sessions were evicted")
 
 
 class StoreRefused(RuntimeError):
@@ -67,6 +73,8 @@ class PartitionChanges:
     before: dict[bytes, SessionState | None] = field(default_factory=dict)
     markers: dict[bytes, bytes | None] = field(default_factory=dict)
     watermark: int | None = None
+    #: Chunk keys of pending bytes, (session ID, index) -> bytes, or None to delete.
+    chunks: dict[tuple[bytes, int], bytes | None] = field(default_factory=dict)
 
 
 #: Records for (topic, partition): complete records or remnants.
@@ -123,9 +131,21 @@ class ChangeSet:
                 (keys.marker_key(session_id), marker, ())
                 for session_id, marker in change.markers.items()
             ]
+            # A buffer's new chunks before it, the chunks it dropped after it: a crash
+            # between the two leaves a buffer whose chunks are all there.
+            records += [
+                (keys.chunk_key(session_id, index), chunk, ())
+                for (session_id, index), chunk in change.chunks.items()
+                if chunk is not None
+            ]
             records += [
                 (keys.buffer_key(session_id), value, ())
                 for session_id, value in self._encoded[partition].items()
+            ]
+            records += [
+                (keys.chunk_key(session_id, index), None, ())
+                for (session_id, index), chunk in change.chunks.items()
+                if chunk is None
             ]
             if change.watermark is not None:
                 records.append((keys.WATERMARK_KEY, keys.encode_offset(change.watermark), ()))
@@ -142,6 +162,7 @@ class ChangeSet:
                 self._encoded[partition],
                 change.markers,
                 change.watermark,
+                change.chunks,
             )
             for partition, change in self.partitions.items()
         }
@@ -234,6 +255,7 @@ class Pipeline:
                 max_buffer_bytes=settings.max_buffer_bytes,
                 may_open=max(settings.max_sessions - live, 0) if reject else None,
                 applied_through=opened.watermark(),
+                load_chunks=opened.chunk_loader(),
             )
             now_us += len(fragments)
             results[partition] = result
@@ -246,7 +268,10 @@ class Pipeline:
         change = ChangeSet(
             {
                 p: PartitionChanges(
-                    r.writes, r.before, watermark=r.applied_through if p in applied else None
+                    r.writes,
+                    r.before,
+                    watermark=r.applied_through if p in applied else None,
+                    chunks=r.chunks,
                 )
                 for p, r in results.items()
             },
@@ -304,8 +329,12 @@ class Pipeline:
             evicted = results.setdefault(partition, BatchResult())
             evicted.before.setdefault(session_id, victim)
             evicted.writes[session_id] = None
-            if victim.pending:
-                evicted.expired.append(remnant(session_id, victim, "evicted"))
+            opened = store.partition(partition)
+            loader = opened.chunk_loader() if opened is not None else _no_store
+            pending = pending_of(session_id, victim, evicted.chunks, loader)
+            if pending:
+                evicted.expired.append(remnant(session_id, pending, victim.next_seq, "evicted"))
+            drop_chunks(session_id, victim, evicted.chunks)
             self.totals.sessions_evicted += 1
 
     async def commit(self, change: ChangeSet) -> None:

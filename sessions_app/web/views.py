@@ -146,7 +146,7 @@ class LookupView(ReadOnlyView):
             {
                 "partition": partition,
                 "owner": True,
-                "pending_bytes": len(state.pending),
+                "pending_bytes": state.pending_size,
                 "next_seq": state.next_seq,
                 "seconds_idle": round(max(time.time() - state.last_seen_us / 1e6, 0.0), 3),
                 "applied_offset": state.applied_offset,

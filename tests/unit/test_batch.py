@@ -8,22 +8,48 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sessions_app.core.batch import ActivityClock, Fragment, OutRecord, apply_fragments
+from sessions_app.core.batch import (
+    INLINE_LIMIT,
+    ActivityClock,
+    BatchResult,
+    Fragment,
+    OutRecord,
+    apply_fragments,
+    pending_of,
+)
 from sessions_app.core.session_state import SessionState
 
 NL = b"\n"
 
 
 class Buffers(dict[bytes, bytes]):
-    """Stored buffers as the agent keeps them: session ID -> encoded SessionState."""
+    """Stored buffers as the agent keeps them: session ID -> encoded SessionState, and chunks."""
 
-    def apply(self, fragments: list[Fragment], delimiter: bytes = NL):  # type: ignore[no-untyped-def]
-        result = apply_fragments(fragments, self.get, delimiter, now_us=1_000)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.chunks: dict[tuple[bytes, int], bytes] = {}
+
+    def load_chunks(self, session_id: bytes, indices: list[int]) -> list[bytes]:
+        return [self.chunks[(session_id, index)] for index in indices]
+
+    def store(self, result: BatchResult) -> None:
+        """Write what a batch produced, as the pipeline's RocksDB write does."""
         for key, state in result.writes.items():
             if state is None:
                 self.pop(key, None)
             else:
                 self[key] = state.encode()
+        for where, chunk in result.chunks.items():
+            if chunk is None:
+                self.chunks.pop(where, None)
+            else:
+                self.chunks[where] = chunk
+
+    def apply(self, fragments: list[Fragment], delimiter: bytes = NL):  # type: ignore[no-untyped-def]
+        result = apply_fragments(
+            fragments, self.get, delimiter, now_us=1_000, load_chunks=self.load_chunks
+        )
+        self.store(result)
         return result
 
 
@@ -272,9 +298,13 @@ def traffic(draw: st.DrawFn) -> tuple[bytes, dict[bytes, bytes], list[Fragment]]
 
 
 def run(
-    batches: list[list[Fragment]], delimiter: bytes, cap: int | None
+    batches: list[list[Fragment]], delimiter: bytes, cap: int | None, inline: int = INLINE_LIMIT
 ) -> tuple[list[OutRecord], list[OutRecord], dict[bytes, SessionState], int]:
-    """Apply batches in turn to one partition's buffers and watermark, as the pipeline does."""
+    """Apply batches in turn to one partition's buffers and watermark, as the pipeline does.
+
+    The states come back with all their pending bytes inline, chunks read back: how they
+    were stored is the store's business, what they hold is the property's.
+    """
     buffers = Buffers()
     watermark = -1
     records: list[OutRecord] = []
@@ -287,17 +317,21 @@ def run(
             now_us=0,
             max_buffer_bytes=cap,
             applied_through=watermark,
+            load_chunks=buffers.load_chunks,
+            inline_limit=inline,
         )
-        for key, state in result.writes.items():
-            if state is None:
-                buffers.pop(key, None)
-            else:
-                buffers[key] = state.encode()
+        buffers.store(result)
         watermark = result.applied_through
         records += result.records
         expired += result.expired
+    stored = {key: SessionState.decode(raw) for key, raw in buffers.items()}
+    # No chunk outlives its session or lies beyond the ones its buffer names.
+    assert all(index < stored[key].chunks for key, index in buffers.chunks), "orphan chunks"
     states = {
-        key: SessionState.decode(raw)._replace(last_seen_us=0) for key, raw in buffers.items()
+        key: SessionState(
+            state.applied_offset, state.next_seq, 0, pending_of(key, state, {}, buffers.load_chunks)
+        )
+        for key, state in stored.items()
     }
     return records, expired, states, watermark
 
@@ -308,6 +342,8 @@ def split(fragments: list[Fragment], cuts: list[int]) -> list[list[Fragment]]:
 
 
 caps = st.none() | st.integers(min_value=1, max_value=12)
+#: Pending bytes kept inline before chunks: the default, and small enough to chunk often.
+inlines = st.sampled_from([INLINE_LIMIT, 0, 1, 2, 5])
 EDGE_CASES = [
     (b"\r\n", {b"s1": b"a" * 100 + b"\r\nnext\r\n"}, [100, 101], 100),
     (b"\r\n", {b"s1": b"ab\r\ncd\r"}, [2, 3, 6], 1),
@@ -331,13 +367,13 @@ def with_edge_cases(**more: Any) -> Any:
 
 
 @settings(max_examples=400, deadline=None)
-@with_edge_cases()
-@given(traffic(), caps)
+@with_edge_cases(inline=INLINE_LIMIT)
+@given(traffic(), caps, inlines)
 def test_records_out_are_the_stream_cut_at_the_delimiter_and_flushes_lose_nothing(
-    case: tuple[bytes, dict[bytes, bytes], list[Fragment]], cap: int | None
+    case: tuple[bytes, dict[bytes, bytes], list[Fragment]], cap: int | None, inline: int
 ) -> None:
     delimiter, streams, fragments = case
-    records, expired, states, _ = run([fragments], delimiter, cap)
+    records, expired, states, _ = run([fragments], delimiter, cap, inline)
     for session_id, stream in streams.items():
         *whole, tail = stream.split(delimiter)
         emitted = [r for r in records if r.key == session_id]
@@ -363,23 +399,28 @@ def test_records_out_are_the_stream_cut_at_the_delimiter_and_flushes_lose_nothin
 
 
 @settings(max_examples=300, deadline=None)
-@with_edge_cases(cuts=[1, 2])
-@given(traffic(), caps, st.lists(st.integers(min_value=0), max_size=6))
+@with_edge_cases(cuts=[1, 2], inline=1)
+@given(traffic(), caps, st.lists(st.integers(min_value=0), max_size=6), inlines)
 def test_any_split_into_batches_gives_the_same_outputs_and_states(
     case: tuple[bytes, dict[bytes, bytes], list[Fragment]],
     cap: int | None,
     cuts: list[int],
+    inline: int,
 ) -> None:
     delimiter, _, fragments = case
-    assert run(split(fragments, cuts), delimiter, cap) == run([fragments], delimiter, cap)
+    split_up = run(split(fragments, cuts), delimiter, cap, inline)
+    assert split_up == run([fragments], delimiter, cap, inline)
+    # Chunked or inline, sessions hold the same bytes and send the same records.
+    assert split_up == run([fragments], delimiter, cap, INLINE_LIMIT * 1024)
 
 
 @settings(max_examples=300, deadline=None)
-@given(traffic(), caps, st.lists(st.tuples(st.integers(0), st.integers(0)), max_size=4))
+@given(traffic(), caps, st.lists(st.tuples(st.integers(0), st.integers(0)), max_size=4), inlines)
 def test_redelivered_offsets_are_applied_once_and_emit_nothing_new(
     case: tuple[bytes, dict[bytes, bytes], list[Fragment]],
     cap: int | None,
     rewinds: list[tuple[int, int]],
+    inline: int,
 ) -> None:
     delimiter, _, fragments = case
     # After each batch, a crash or rebalance rewinds the input to an earlier offset.
@@ -390,7 +431,7 @@ def test_redelivered_offsets_are_applied_once_and_emit_nothing_new(
         batches.append(fragments[position:end])
         position = end - back % (end + 1)
     batches.append(fragments[position:])
-    assert run(batches, delimiter, cap) == run([fragments], delimiter, cap)
+    assert run(batches, delimiter, cap, inline) == run([fragments], delimiter, cap, inline)
 
 
 # --- last activity: the stamp idle expiry and eviction order by --------------------------

@@ -179,3 +179,43 @@ def test_the_walk_yields_every_session_in_order_past_unreadable_ones(db: Any) ->
         (b"b", 3),
         (b"c", 4),
     ]
+
+
+def test_chunks_are_written_and_rebuilt_from_the_changelog_without_counting_as_sessions(
+    tmp_path: Path,
+) -> None:
+    source = PartitionStore(open_db(tmp_path / "source"), OFFSET_KEY)
+    chunked = SessionState(3, 0, 77, b"\r", chunks=2, spilled=6)
+    write_chunks = {(b"big", 0): b"abc", (b"big", 1): b"def"}
+    encoded = {b"big": chunked.encode()}
+    source.commit(prepare_write({b"big": chunked}, {b"big": None}, encoded, chunks=write_chunks), 0)
+    assert source.live_count() == 1
+    assert source.pending(b"big", chunked) == b"abcdef\r"
+    assert source.oldest(5) == [(77, b"big")]
+
+    changelog = [
+        Record(keys.chunk_key(b"big", 0), b"abc", 0),
+        Record(keys.chunk_key(b"big", 1), b"def", 1),
+        Record(keys.buffer_key(b"big"), chunked.encode(), 2),
+    ]
+    rebuilt = PartitionStore(open_db(tmp_path / "rebuilt"), OFFSET_KEY)
+    rebuilt.apply_changelog(changelog)
+    assert rebuilt.live_count() == 1  # chunks are not sessions
+    state = rebuilt.session(b"big")
+    assert state == chunked
+    assert rebuilt.pending(b"big", state) == b"abcdef\r"
+    census = list(rebuilt.sessions())
+    assert census == [(b"big", 7, 77)]  # the census counts the chunks' bytes too
+    # The record completes: the chunks go with tombstones, in the same write as the buffer.
+    done = SessionState(4, 1, 78, b"")
+    rebuilt.apply_changelog(
+        [
+            Record(keys.buffer_key(b"big"), done.encode(), 3),
+            Record(keys.chunk_key(b"big", 0), None, 4),
+            Record(keys.chunk_key(b"big", 1), None, 5),
+        ]
+    )
+    assert rebuilt.db.get(keys.chunk_key(b"big", 0)) is None
+    assert rebuilt.live_count() == 1
+    for store in (source, rebuilt):
+        store.db.close()
