@@ -266,55 +266,27 @@ def apply_fragments(
                 state = _EMPTY
                 result.sessions_opened += 1
                 live_delta += 1
-            # Everything the fragment changes is staged here and taken only if it all works.
-            emitted: list[OutRecord] = []
-            flushed: list[OutRecord] = []
-            chunk_ops: dict[tuple[bytes, int], bytes | None] = {}
             records, pending = cut_records(state.pending, fragment.value, delimiter)
-            chunks, spilled = state.chunks, state.spilled
-            if chunks and records:
-                # The first record began in the chunks: read them back, once, and drop them.
-                spilled_bytes = pending_of(
-                    key, state._replace(pending=b""), result.chunks, load_chunks
-                )
-                records[0] = spilled_bytes + records[0]
-                drop_chunks(key, state, chunk_ops)
-                chunks = spilled = 0
             seq = state.next_seq
-            for record in records:
-                if max_buffer_bytes is not None and len(record) > max_buffer_bytes:
-                    # A record longer than the cap (one large fragment): its heads go out as
-                    # overflow remnants, so no record sent is longer than the cap either.
-                    tail = (len(record) - 1) // max_buffer_bytes * max_buffer_bytes
-                    flushed += _overflow(key, seq, record[:tail], max_buffer_bytes)
-                    record = record[tail:]
-                emitted.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
-                seq += 1
-            # Bytes that may begin a delimiter stay inline: the next fragment may complete it.
-            keep = unfinished_delimiter(pending, delimiter)
-            if max_buffer_bytes is not None and spilled + len(pending) > max_buffer_bytes:
-                whole = pending_of(
-                    key, state._replace(pending=pending, chunks=chunks), result.chunks, load_chunks
+            if (
+                state.chunks
+                or len(pending) > inline_limit
+                or (
+                    max_buffer_bytes is not None
+                    and (len(pending) > max_buffer_bytes or _longest(records) > max_buffer_bytes)
                 )
-                cut = len(whole) - keep
-                if cut:
-                    flushed += _overflow(key, seq, whole[:cut], max_buffer_bytes)
-                    pending = whole[cut:]
-                    drop_chunks(key, state._replace(chunks=chunks), chunk_ops)
-                    chunks = spilled = 0
-            if (chunks or len(pending) > inline_limit) and len(pending) > keep:
-                # Into a chunk of its own: written once, read back once.
-                chunk_ops[(key, chunks)] = pending[: len(pending) - keep]
-                spilled += len(pending) - keep
-                chunks += 1
-                pending = pending[len(pending) - keep :]
-            # One microsecond per position keeps the sessions of a batch in arrival order.
-            new_state = SessionState(offset, seq, now_us + position, pending, chunks, spilled)
-            out += emitted
-            result.expired += flushed
-            if flushed:
-                result.overflows += 1
-            result.chunks.update(chunk_ops)
+            ):
+                new_state = _apply_large(
+                    key, state, records, pending, delimiter, max_buffer_bytes, inline_limit,
+                    result, load_chunks,
+                )._replace(applied_offset=offset, last_seen_us=now_us + position)  # fmt: skip
+            else:
+                # The common case: a small session, records under the cap.
+                for record in records:
+                    out.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
+                    seq += 1
+                # One microsecond per position keeps the sessions of a batch in arrival order.
+                new_state = SessionState(offset, seq, now_us + position, pending)
         except CapacityReached as exc:
             result.dead_letters.append(
                 DeadLetter(fragment, "capacity", type(exc).__name__, str(exc))
@@ -328,6 +300,72 @@ def apply_fragments(
         states[key] = writes[key] = new_state
     result.applied_through = applied
     return result
+
+
+def _longest(records: list[bytes]) -> int:
+    return max(map(len, records)) if records else 0
+
+
+def _apply_large(
+    key: bytes,
+    state: SessionState,
+    records: list[bytes],
+    pending: bytes,
+    delimiter: bytes,
+    cap: int | None,
+    inline_limit: int,
+    result: BatchResult,
+    load_chunks: ChunkLoader,
+) -> SessionState:
+    """Take a fragment's records and pending bytes where chunks or the cap come into it.
+
+    Everything is staged and taken into `result` only once it all worked; the state
+    returned has the new seq, pending bytes and chunks (the caller sets offset and stamp).
+    """
+    emitted: list[OutRecord] = []
+    flushed: list[OutRecord] = []
+    chunk_ops: dict[tuple[bytes, int], bytes | None] = {}
+    chunks, spilled = state.chunks, state.spilled
+    if chunks and records:
+        # The first record began in the chunks: read them back, once, and drop them.
+        head = pending_of(key, state._replace(pending=b""), result.chunks, load_chunks)
+        records[0] = head + records[0]
+        drop_chunks(key, state, chunk_ops)
+        chunks = spilled = 0
+    seq = state.next_seq
+    for record in records:
+        if cap is not None and len(record) > cap:
+            # A record longer than the cap (one large fragment): its heads go out as
+            # overflow remnants, so no record sent is longer than the cap either.
+            tail = (len(record) - 1) // cap * cap
+            flushed += _overflow(key, seq, record[:tail], cap)
+            record = record[tail:]
+        emitted.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
+        seq += 1
+    # Bytes that may begin a delimiter stay inline: the next fragment may complete it.
+    keep = unfinished_delimiter(pending, delimiter)
+    if cap is not None and spilled + len(pending) > cap:
+        whole = pending_of(
+            key, state._replace(pending=pending, chunks=chunks), result.chunks, load_chunks
+        )
+        cut = len(whole) - keep
+        if cut:
+            flushed += _overflow(key, seq, whole[:cut], cap)
+            pending = whole[cut:]
+            drop_chunks(key, state._replace(chunks=chunks), chunk_ops)
+            chunks = spilled = 0
+    if (chunks or len(pending) > inline_limit) and len(pending) > keep:
+        # Into a chunk of its own: written once, read back once.
+        chunk_ops[(key, chunks)] = pending[: len(pending) - keep]
+        spilled += len(pending) - keep
+        chunks += 1
+        pending = pending[len(pending) - keep :]
+    result.records += emitted
+    result.expired += flushed
+    if flushed:
+        result.overflows += 1
+    result.chunks.update(chunk_ops)
+    return SessionState(state.applied_offset, seq, state.last_seen_us, pending, chunks, spilled)
 
 
 def _overflow(key: bytes, seq: int, head: bytes, cap: int) -> list[OutRecord]:
