@@ -85,7 +85,7 @@ def test_a_cap_whose_records_a_topic_would_refuse_stops_the_worker(
     deployment.env["SESSIONS_MAX_BUFFER_BYTES"] = "200000"
     result = start_worker_expecting_exit(deployment)
     assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = [line for line in result.stderr.splitlines() if "max.message.bytes" in line]
+    (line,) = [line for line in result.stderr.splitlines() if "SESSIONS_MAX_BUFFER_BYTES=" in line]
     assert "SESSIONS_MAX_BUFFER_BYTES='200000' is invalid" in line
     assert f"{topic} takes at most 100,000" in line
     # The cap it names is one the topic takes: the worker starts with it.

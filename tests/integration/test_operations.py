@@ -26,20 +26,21 @@ def alarms(worker: Worker) -> dict[str, Any]:
     return json.loads(worker.get("/alarms/"))  # type: ignore[no-any-return]
 
 
-def readyz(worker: Worker) -> tuple[int, dict[str, Any]]:
+def probe(worker: Worker, path: str) -> tuple[int, dict[str, Any]]:
+    """GET a probe of the worker: its status code and JSON body, 503 included."""
     try:
-        return 200, json.loads(worker.get("/readyz"))
+        return 200, json.loads(worker.get(path))
     except urllib.error.HTTPError as err:
         with err:
             return err.code, json.loads(err.read())
+
+
+def readyz(worker: Worker) -> tuple[int, dict[str, Any]]:
+    return probe(worker, "/readyz")
 
 
 def livez(worker: Worker) -> tuple[int, dict[str, Any]]:
-    try:
-        return 200, json.loads(worker.get("/livez"))
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code, json.loads(err.read())
+    return probe(worker, "/livez")
 
 
 def test_lag_and_progress_per_partition_in_stats_and_metrics(deployment: Deployment) -> None:

@@ -186,6 +186,20 @@ def test_a_worker_without_a_client_certificate_is_refused_naming_the_certificate
     assert "SESSIONS_SSL_CERTFILE" in line
 
 
+def sasl_env(url: str, mechanism: str, root: Path) -> dict[str, str]:
+    """Settings of a worker that logs in with SASL and a password the broker will refuse."""
+    return {
+        **os.environ,
+        "SESSIONS_BROKER_URL": url,
+        "SESSIONS_BROKER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "SESSIONS_SASL_MECHANISM": mechanism,
+        "SESSIONS_SASL_USERNAME": "sessions",
+        "SESSIONS_SASL_PASSWORD": "not-the-password",
+        "SESSIONS_DATA_DIR": str(root / "data"),
+        "SESSIONS_WEB_PORT": str(free_port()),
+    }
+
+
 def test_a_refused_sasl_login_stops_the_worker_with_one_line_not_a_hang(tmp_path: Path) -> None:
     """SASL against the embedded broker's --authentication, as far as it goes here.
 
@@ -195,16 +209,7 @@ def test_a_refused_sasl_login_stops_the_worker_with_one_line_not_a_hang(tmp_path
     fails. That is the path tested: a refused login is one clear line and exit 2.
     """
     with EmbeddedBroker(authentication=True) as broker:
-        env = {
-            **os.environ,
-            "SESSIONS_BROKER_URL": broker.url,
-            "SESSIONS_BROKER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-            "SESSIONS_SASL_MECHANISM": "SCRAM-SHA-256",
-            "SESSIONS_SASL_USERNAME": "sessions",
-            "SESSIONS_SASL_PASSWORD": "not-the-password",
-            "SESSIONS_DATA_DIR": str(tmp_path / "data"),
-            "SESSIONS_WEB_PORT": str(free_port()),
-        }
+        env = sasl_env(broker.url, "SCRAM-SHA-256", tmp_path)
         result = run(env, "worker", "-l", "info", timeout=90)
     assert result.returncode == 2, result.stderr[-3000:]
     line = one_line(result, "sessions-app: the broker at")
@@ -261,17 +266,8 @@ def _client_context(certificates: Certificates):  # type: ignore[no-untyped-def]
 
 
 def test_an_unreachable_broker_is_not_blamed_on_the_credentials(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "SESSIONS_BROKER_URL": f"kafka://127.0.0.1:{free_port()}",  # nothing listens there
-        "SESSIONS_BROKER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-        "SESSIONS_SASL_MECHANISM": "PLAIN",
-        "SESSIONS_SASL_USERNAME": "sessions",
-        "SESSIONS_SASL_PASSWORD": "not-the-password",
-        "SESSIONS_DATA_DIR": str(tmp_path / "data"),
-        "SESSIONS_WEB_PORT": str(free_port()),
-    }
-    result = run(env, "worker", "-l", "info", timeout=90)
+    nowhere = f"kafka://127.0.0.1:{free_port()}"  # nothing listens there
+    result = run(sasl_env(nowhere, "PLAIN", tmp_path), "worker", "-l", "info", timeout=90)
     assert result.returncode == 1, result.stderr[-3000:]
     line = one_line(result, "sessions-app: cannot reach the broker at")
     assert "SASL" not in line

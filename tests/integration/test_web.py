@@ -159,6 +159,13 @@ def test_token_guards_heap_and_metrics(deployment: Deployment) -> None:
 def test_dashboard_in_chromium_shows_the_workers_numbers(busy_worker: Worker) -> None:
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is installed by ./run setup"
+    # Faust commits every few seconds: wait until the group has committed all it applied.
+    busy_worker.wait_until(
+        lambda s: (
+            len(s["partitions"]) == 4 and all(p["lag"] == 0 for p in s["partitions"].values())
+        ),
+        "no lag left",
+    )
     with tempfile.TemporaryDirectory() as profile:
         done = subprocess.run(
             [
