@@ -23,7 +23,7 @@ Faust internals used here (`_dbs`, `_db_for_partition`, `offset_key`,
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,7 +34,15 @@ from faust.types import EventT
 
 from sessions_app.core import keys
 from sessions_app.core.batch import pending_of
-from sessions_app.core.session_state import CorruptSessionState, SessionState, activity_and_size
+from sessions_app.core.session_state import (
+    CHUNKED,
+    CHUNKED_HEADER_SIZE,
+    HEADER_SIZE,
+    VERSION,
+    CorruptSessionState,
+    SessionState,
+    activity_and_size,
+)
 
 #: A quarter of the budget for memtables, charged to the block cache.
 WRITE_BUFFER_SHARE = 4
@@ -93,14 +101,36 @@ class BudgetedOptions(RocksDBOptions):
         return opts
 
 
+#: First bytes of the stored buffers this version reads.
+_READABLE = frozenset({bytes([VERSION]), bytes([CHUNKED])})
+#: Where both stored forms keep the activity stamp: big-endian, as the idle index sorts it.
+_STAMP = slice(17, 25)
+
+
 def last_seen_of(raw: bytes | None) -> int | None:
     """Return a stored buffer's last activity, or None if there is no readable buffer."""
-    if raw is None:
+    if raw is None or raw[:1] not in _READABLE:
         return None
     try:
-        return SessionState.decode(raw).last_seen_us
-    except CorruptSessionState:
+        return activity_and_size(raw)[0]
+    except struct.error:
         return None
+
+
+def idle_key_of(raw: bytes | None, session_id: bytes) -> bytes | None:
+    """Return the idle-index key of a stored buffer, None if there is no readable buffer.
+
+    The same key as keys.idle_key(last_seen_of(raw), session_id), built from the
+    stamp's stored bytes: a rebuild builds two per record.
+    """
+    if raw is None or raw[:1] not in _READABLE or len(raw) < HEADER_SIZE:
+        return None
+    if raw[0] == CHUNKED and len(raw) < CHUNKED_HEADER_SIZE:
+        return None
+    stamp = raw[_STAMP]
+    if stamp[0] >= 0x80:  # before 1970: the index sorts it first, as keys.idle_key does
+        return keys.idle_key(-1, session_id)
+    return keys.IDLE + stamp + session_id
 
 
 @dataclass(frozen=True)
@@ -286,31 +316,47 @@ class PartitionStore:
         self.db.write(batch)
         self._count = count
 
-    def apply_changelog(self, records: Iterable[ChangelogRecord]) -> None:
-        """Apply changelog records in one write batch, with their index entries and count."""
+    def apply_changelog(self, records: Sequence[ChangelogRecord]) -> None:
+        """Apply changelog records, in offset order, in one write batch with their index and count.
+
+        The stored states the records replace are read in one multi-get, and of each
+        state only its activity stamp is read: a rebuild does per record little more
+        than its writes.
+        """
+        if not records:
+            return
         write = rocksdict.WriteBatch(raw_mode=True)
-        seen: dict[bytes, bytes | None] = {}
-        delta, offset = 0, -1
-        get = self.db.get
+        put, delete = write.put, write.delete
+        buffered = list(
+            dict.fromkeys(
+                key for key in (record.key for record in records) if key and key[:1] == keys.BUFFER
+            )
+        )
+        current: dict[bytes, bytes | None] = (
+            dict(zip(buffered, self.db.get(buffered), strict=True)) if buffered else {}
+        )
+        delta = 0
         for record in records:
             key, value = record.key or b"", record.value
-            offset = max(offset, record.offset)
-            if key[:1] == keys.BUFFER:
-                old = seen[key] if key in seen else get(key)
-                session_id = key[1:]
-                old_seen, new_seen = last_seen_of(old), last_seen_of(value)
-                if old_seen is not None:
-                    write.delete(keys.idle_key(old_seen, session_id))
-                if new_seen is not None:
-                    write.put(keys.idle_key(new_seen, session_id), b"")
-                delta += (value is not None) - (old is not None)
+            if key in current:
+                old, session_id = current[key], key[1:]
+                if old is not None:
+                    delta -= 1
+                    stale = idle_key_of(old, session_id)
+                    if stale is not None:
+                        delete(stale)
+                if value is not None:
+                    delta += 1
+                    fresh = idle_key_of(value, session_id)
+                    if fresh is not None:
+                        put(fresh, b"")
+                current[key] = value
             if value is None:
-                write.delete(key)
+                delete(key)
             else:
-                write.put(key, value)
-            seen[key] = value
-        if offset >= 0:
-            self.commit(PreparedWrite(write, delta), offset)
+                put(key, value)
+        offset = records[-1].offset
+        self.commit(PreparedWrite(write, delta), offset)
 
     def table_readers_bytes(self) -> int:
         """Return the memory RocksDB's table readers hold (index and filter blocks)."""
@@ -358,6 +404,13 @@ class SessionStore(FaustRocksDBStore):
         )
         return usage
 
+    def apply_changelog_records(self, partition: int, records: Sequence[ChangelogRecord]) -> None:
+        """Apply a partition's changelog records in one write batch, opening its instance."""
+        self._db_for_partition(partition)  # recovery and standbys open what they fill
+        store = self.partition(partition)
+        assert store is not None
+        store.apply_changelog(records)
+
     def apply_changelog_batch(
         self,
         batch: Iterable[EventT[Any]],
@@ -370,7 +423,4 @@ class SessionStore(FaustRocksDBStore):
             message = event.message
             per_partition.setdefault(message.partition, []).append(message)
         for partition, messages in per_partition.items():
-            self._db_for_partition(partition)  # recovery and standbys open what they fill
-            store = self.partition(partition)
-            assert store is not None
-            store.apply_changelog(messages)
+            self.apply_changelog_records(partition, messages)

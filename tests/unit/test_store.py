@@ -8,12 +8,14 @@ from typing import Any, NamedTuple
 
 import pytest
 import rocksdict
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from sessions_app.core import keys
 from sessions_app.core.batch import ActivityClock, Fragment, apply_fragments
 from sessions_app.core.capacity import choose_evictions
 from sessions_app.core.session_state import SessionState
-from sessions_app.engine.store import PartitionStore, prepare_write
+from sessions_app.engine.store import PartitionStore, idle_key_of, last_seen_of, prepare_write
 
 OFFSET_KEY = b"__faust\0offset__"
 
@@ -219,3 +221,33 @@ def test_chunks_are_written_and_rebuilt_from_the_changelog_without_counting_as_s
     assert rebuilt.live_count() == 1
     for store in (source, rebuilt):
         store.db.close()
+
+
+@given(
+    last_seen=st.integers(-(2**63), 2**63 - 1),
+    chunks=st.integers(0, 3),
+    pending=st.binary(max_size=40),
+    session_id=st.binary(min_size=1, max_size=20),
+)
+@example(last_seen=-1, chunks=0, pending=b"", session_id=b"s")
+@example(last_seen=0, chunks=2, pending=b"\r", session_id=b"s")
+def test_a_rebuild_indexes_a_stored_state_as_the_pipeline_does(
+    last_seen: int, chunks: int, pending: bytes, session_id: bytes
+) -> None:
+    stored = SessionState(7, 3, last_seen, pending, chunks, 100 * chunks).encode()
+    assert idle_key_of(stored, session_id) == keys.idle_key(last_seen, session_id)
+    assert last_seen_of(stored) == last_seen
+
+
+def test_a_rebuild_indexes_no_unreadable_state() -> None:
+    readable = SessionState(7, 3, 10, b"abc").encode()
+    for raw in (
+        None,
+        b"",
+        readable[:10],
+        b"\x09" + readable[1:],
+        b"\x02" + readable[1:20],
+        b"\x02" + readable[1:],
+    ):
+        assert idle_key_of(raw, b"s") is None
+        assert last_seen_of(raw) is None
