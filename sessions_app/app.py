@@ -19,14 +19,18 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import faust
+from faust.types import TP
 from mode import Service, ServiceT
 
+from sessions_app.core.batch import Fragment
 from sessions_app.core.limits import size_problem
 from sessions_app.core.totals import PipelineTotals
 from sessions_app.engine.allocator import fix_mmap_threshold
 from sessions_app.engine.intake import IntakeConsumer
+from sessions_app.engine.recovery import OrderedRecovery, OrderedTableManager
 from sessions_app.settings import Settings, SettingsError
 from sessions_app.stream.broker import BrokerRefused, partition_counts, record_limits
 from sessions_app.stream.delivery import Delivery
@@ -166,7 +170,15 @@ class SessionsApp(faust.App):
         )
         consumer.intake_topic = self.settings.input_topic
         consumer.intake_depth = self.settings.intake_depth
+        consumer.changelog_topics = frozenset(
+            {self.session_buffers.changelog_topic.get_topic_name()}
+        )
+        consumer.on_changelog = self._apply_changelog_fetch
         return consumer
+
+    def _apply_changelog_fetch(self, tp: TP, records: list[Fragment]) -> None:
+        recovery = cast(OrderedRecovery, cast(OrderedTableManager, self.tables).recovery)
+        recovery.apply_fetched(tp, records)
 
     def _new_web(self) -> SessionsWeb:
         return SessionsWeb(self)

@@ -24,7 +24,11 @@ more than the reassembly of the record it carried. Everything else aiokafka
 does per batch (CRC checks, control batches, aborted transactions, offsets
 for the next fetch) is unchanged.
 
-Other topics, if any agent ever consumes one, keep Faust's per-record path.
+The table's changelog takes the same path during recovery and for standby
+replicas: each fetch goes whole to the table recovery (engine/recovery.py),
+which writes it to RocksDB in one batch, instead of an Event, a queue put and
+a task pair per record. Other topics, if any agent ever consumes one, keep
+Faust's per-record path.
 
 Private names used, checked against faust-streaming 0.15.3 and aiokafka 0.14.0:
 Faust's `_drain_messages`, `_wait_next_records`, `_read_offset`, `_add_gap`,
@@ -49,21 +53,21 @@ from sessions_app.core.batch import ByPartition, Fragment
 
 
 class _FragmentRecords(OrderedDict):  # type: ignore[type-arg]
-    """aiokafka's fetched-records map, with the intake topic's records built as Fragments.
+    """aiokafka's fetched-records map, with the records of some topics built as Fragments.
 
     The fetcher stores each partition's fetched batches here before any record is
-    parsed; the records of the intake topic then come out of its iterator as
-    `Fragment` tuples.
+    parsed; the records of the intake topic and the changelog then come out of its
+    iterator as `Fragment` tuples.
     """
 
-    def __init__(self, topic: str, fetched: Any) -> None:
+    def __init__(self, topics: frozenset[str], fetched: Any) -> None:
         super().__init__()
-        self._topic = topic
+        self._topics = topics
         for tp, result in fetched.items():
             self[tp] = result
 
     def __setitem__(self, tp: Any, result: Any) -> None:
-        if tp.topic == self._topic and type(result) is FetchResult:
+        if tp.topic in self._topics and type(result) is FetchResult:
             # aiokafka's record iterator looks the builder up on the instance per record.
             result._partition_records._consumer_record = self._builder(tp)
         super().__setitem__(tp, result)
@@ -94,7 +98,8 @@ class IntakeConsumerThread(AIOKafkaConsumerThread):
         # Faust gives aiokafka no deserializers (it decodes in its own layer), so the
         # Fragment carries the bytes aiokafka's record would.
         if type(fetcher._records) is not _FragmentRecords:
-            fetcher._records = _FragmentRecords(intake.intake_topic, fetcher._records)
+            topics = frozenset({intake.intake_topic, *intake.changelog_topics})
+            fetcher._records = _FragmentRecords(topics, fetcher._records)
         return await super()._fetch_records(
             consumer, active_partitions, timeout=timeout, max_records=max_records
         )
@@ -108,6 +113,10 @@ class IntakeConsumer(Consumer):
     #: Fetches waiting for the agent; beyond this the fetch loop waits (backpressure).
     #: With the app's broker_max_poll_records it bounds the fetched records held in memory.
     intake_depth: int = 1
+    #: The table changelogs whose fetches go whole to `on_changelog`; set by the app.
+    changelog_topics: frozenset[str] = frozenset()
+    #: Applies a changelog partition's fetched records (table recovery and standbys).
+    on_changelog: Callable[[TP, list[Fragment]], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -141,7 +150,10 @@ class IntakeConsumer(Consumer):
                     if not (active is None or tp in active or tp in self._buffered_partitions):
                         continue
                     if tp.topic != self.intake_topic:
-                        await self._per_record(tp, fetched)
+                        if tp.topic in self.changelog_topics and self.on_changelog is not None:
+                            self.on_changelog(tp, fetched)
+                        else:
+                            await self._per_record(tp, fetched)
                         continue
                     last = read_offset.get(tp)
                     first = fetched[0].offset

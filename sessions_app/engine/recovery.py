@@ -13,19 +13,110 @@ when there is none, before it resumes any of them.
 The two methods below are Faust's own with only that order changed, checked
 against faust-streaming 0.15.3; the version pin in pyproject.toml keeps them in
 step with the code they replace.
+
+Changelog records are applied a fetch at a time. Faust's recovery takes them one
+by one from a queue (an Event, a queue put and a task pair each, then a
+bookkeeping pass per record), which held a rebuild near a tenth of the rate at
+which a plain consumer reads the same changelog. Here the consumer hands each
+fetched changelog partition to `apply_fetched` (sessions_app.engine.intake),
+which skips what was applied, writes the rest to RocksDB in one write batch
+with the idle index and count (SessionStore.apply_changelog_records), and keeps
+the offsets Faust's recovery reads to know when the partitions are rebuilt.
+Standby replicas take the same path, so they follow the changelog a fetch at a
+time instead of in buffers of a thousand records.
+
+Faust internals used: `active_offsets`, `standby_offsets`, `tp_to_table`,
+`signal_recovery_end`, `_set_recovery_started`, `_set_recovery_ended`,
+`_slurp_changelogs`, `_active_events_received_at`,
+`_standby_events_received_at`, `_last_flush_at`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 from faust.tables import TableManager
 from faust.tables.recovery import Recovery
+from faust.types import TP
+from mode import Service
+
+from sessions_app.core.batch import Fragment
+from sessions_app.engine.store import SessionStore
+
+#: How often recovery checks that nothing is left to read when no record arrives.
+IDLE_CHECK_SECONDS = 0.5
 
 
 class OrderedRecovery(Recovery):
-    """Recovery that seeks source partitions before resuming them."""
+    """Recovery that seeks source partitions before resuming them and applies fetches whole."""
+
+    _rebuilt = 0
+    _rebuild_began: float | None = None
+
+    def apply_fetched(self, tp: TP, records: Sequence[Fragment]) -> None:
+        """Apply a fetch of a changelog partition: what Faust's loop does per record, at once."""
+        if tp in self.active_tps:
+            offsets, received = self.active_offsets, self._active_events_received_at
+            active = True
+        elif tp in self.standby_tps:
+            offsets, received = self.standby_offsets, self._standby_events_received_at
+            active = False
+        else:
+            return  # revoked since the fetch: its new owner reads it
+        seen = offsets.get(tp)
+        if seen is not None and records and records[0].offset <= seen:
+            records = [record for record in records if record.offset > seen]
+        if not records:
+            return
+        now = time.monotonic()
+        store = cast(Any, self.tp_to_table[tp]).data
+        assert isinstance(store, SessionStore), "the sessions table's store is a SessionStore"
+        store.apply_changelog_records(tp.partition, records)
+        offsets[tp] = records[-1].offset
+        received[tp] = now
+        self._last_flush_at = now
+        if active and self.in_recovery:
+            if self._rebuild_began is None:
+                self._rebuild_began = now
+            self._rebuilt += len(records)
+        self._signal_if_rebuilt()
+        if not self.tables.standbys_ready and not self.standby_remaining_total():
+            self.tables.on_standbys_ready()
+
+    def _signal_if_rebuilt(self) -> None:
+        """Tell recovery its active partitions are rebuilt, once nothing is left to read."""
+        if not self.in_recovery or self.need_recovery():
+            return
+        self._set_recovery_ended()
+        if self._rebuilt:
+            took = time.monotonic() - (self._rebuild_began or time.monotonic())
+            self.log.info(
+                "Rebuilt %d changelog records in %.3f s (%.0f records/s)",
+                self._rebuilt,
+                took,
+                self._rebuilt / max(took, 1e-6),
+            )
+        self.signal_recovery_end.set()
+
+    def _set_recovery_started(self) -> None:
+        super()._set_recovery_started()
+        # A signal left from an earlier recovery must not end this one.
+        self.signal_recovery_end.clear()
+        self._rebuilt, self._rebuild_began = 0, None
+
+    @Service.task
+    async def _slurp_changelogs(self) -> None:
+        """End a recovery that has nothing left to read though no record arrives.
+
+        The records themselves arrive through `apply_fetched`; this covers highwaters
+        reached without a record to apply (compacted or aborted ends of a changelog).
+        """
+        while not self.should_stop:
+            await self.sleep(IDLE_CHECK_SECONDS)
+            self._signal_if_rebuilt()
 
     async def _seek_and_resume_sources(self) -> None:
         app = self.app
