@@ -86,6 +86,18 @@ class OrderedRecovery(Recovery):
         if not self.tables.standbys_ready and not self.standby_remaining_total():
             self.tables.on_standbys_ready()
 
+    def standby_progress(self) -> dict[int, dict[str, int | None]]:
+        """Per standby partition: the changelog offset applied, the end fetched, the lag."""
+        consumer = cast(Any, self.app.consumer)
+        found: dict[int, dict[str, int | None]] = {}
+        for tp in sorted(self.standby_tps):
+            applied = self.standby_offsets.get(tp)
+            applied = -1 if applied is None else applied
+            end = consumer.highwater(tp)
+            lag = None if end is None else max(end - 1 - applied, 0)
+            found[tp.partition] = {"applied_offset": applied, "end_offset": end, "lag": lag}
+        return found
+
     def _signal_if_rebuilt(self) -> None:
         """Tell recovery its active partitions are rebuilt, once nothing is left to read."""
         if not self.in_recovery or self.need_recovery():

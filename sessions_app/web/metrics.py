@@ -63,6 +63,15 @@ def metric_families(
     )
     for name, value in stats["rocksdb"].items():
         yield GaugeMetricFamily(f"sessions_rocksdb_{name}", f"RocksDB {name}", value=value)
+    standby_lag = GaugeMetricFamily(
+        "sessions_standby_lag",
+        "Changelog records a standby replica has yet to apply",
+        labels=["partition"],
+    )
+    for partition, values in stats["standbys"].items():
+        if values["lag"] is not None:
+            standby_lag.add_metric([partition], values["lag"])
+    yield standby_lag
     partitions = stats["partitions"]
     for name, key, text in (
         ("sessions_consumer_lag", "lag", "Input records after the group's committed offset"),

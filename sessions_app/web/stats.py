@@ -45,6 +45,7 @@ def session_stats(app: Any) -> dict[str, Any]:
         "rocksdb": pipeline.store.memory_usage(),
         "event_loop": app.loop_stalls.as_dict(asyncio.get_running_loop().time()),
         "partitions": pipeline.progress.as_dict(time.time()),
+        "standbys": {str(p): v for p, v in app.tables.recovery.standby_progress().items()},
         "store": None
         if pipeline.store_failure is None
         else {"state": "refuses writes", **asdict(pipeline.store_failure)},

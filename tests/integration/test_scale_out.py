@@ -81,6 +81,20 @@ def test_worker_joins_mid_stream(deployment: Deployment) -> None:
     assert sorted(owned) == [2, 2], owned
     # The worker that joined took its share of what came after it joined.
     assert second.stats()["totals"]["records_emitted"] > 0
+    # Each follows the other's partitions as a standby replica, caught up with their changelogs.
+    for worker, other in ((first, second), (second, first)):
+        theirs = set(other.stats()["live_sessions_by_partition"])
+        worker.wait_until(
+            lambda s, theirs=theirs: (
+                set(s["standbys"]) == theirs
+                and all(v["lag"] == 0 and v["applied_offset"] >= 0 for v in s["standbys"].values())
+            ),
+            f"standbys of {sorted(theirs)} caught up",
+            timeout=30,
+        )
+        metrics = worker.get("/metrics").decode()
+        for partition in theirs:
+            assert f'sessions_standby_lag{{partition="{partition}"}} 0.0' in metrics
 
 
 @pytest.mark.parametrize("leave", ["stop", "kill9"])
