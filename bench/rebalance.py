@@ -8,9 +8,15 @@ were owned again as they should be (from /sessions/ of each worker, polled
 every 20 ms), and the longest pause in output on any partition after the
 event (from the output records' timestamps, stamped by the worker's producer
 when it sends). Input runs at a steady rate, so a pause is time a partition
-spent unprocessed.
+spent unprocessed. Before each event it also prints the largest lag of the
+standby replicas (changelog records not yet applied, from /sessions/).
 
-    .venv/bin/python -m bench.rebalance [--rate 2000] [--settle 6] [--rounds 3]
+`--preload N` first gives the first worker N idle sessions, each holding a
+64-byte tail, so the partitions that move carry state: a joining worker
+rebuilds its share from the changelog (with an empty disk the first time),
+and a killed one's partitions are taken over from the survivor's standbys.
+
+    .venv/bin/python -m bench.rebalance [--rate 2000] [--settle 6] [--rounds 3] [--preload N]
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 
 from bench.common import bench_worker
 from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync
-from sessions_app.tools.harness import WorkerProcess, read_topic
+from sessions_app.tools.harness import WorkerProcess, read_topic, remnant_sessions, send_remnants
 
 PARTITIONS = 4
 EVENTS = ("join", "stop", "join", "kill -9")
@@ -64,6 +70,20 @@ class SteadyProducer(threading.Thread):
             await producer.flush()
         finally:
             await producer.stop()
+
+
+def standby_lag(workers: list[WorkerProcess]) -> int | None:
+    """Return the largest lag of any running worker's standby replicas, None if none has one."""
+    lags: list[int] = []
+    for worker in workers:
+        if worker.process is None or worker.process.poll() is not None:
+            continue
+        try:
+            standbys = worker.stats()["standbys"].values()
+        except OSError:
+            continue
+        lags += [v["lag"] for v in standbys if v["lag"] is not None]
+    return max(lags) if lags else None
 
 
 def owned(workers: list[WorkerProcess]) -> list[int]:
@@ -111,6 +131,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=2000, help="input records per second")
     parser.add_argument("--settle", type=float, default=6, help="seconds between events")
     parser.add_argument("--rounds", type=int, default=3, help="times to repeat the four events")
+    parser.add_argument("--preload", type=int, default=0, help="idle sessions held before")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-rebalance-"))
     topics = {
@@ -126,15 +147,28 @@ def main() -> None:
             # The broker under-reports end offsets of multi-record batches (shared/BROKER.md).
             "SESSIONS_PRODUCER_MAX_BATCH_SIZE": "1",
         }
+        if args.preload:
+            # The preloaded sessions stay put: what moves with their partitions is measured.
+            env["SESSIONS_IDLE_TIMEOUT"] = str(86400)
         first = bench_worker(broker, workdir, name="w1", **env).start()
         second = bench_worker(broker, workdir, name="w2", **env)
         wait_owned([first], [4])
+        if args.preload:
+            idle = remnant_sessions("pre", 0, args.preload, b"t" * 64)
+            asyncio.run(send_remnants(broker.bootstrap, topics["INPUT"], idle, b"\r\n"))
+            first.wait_until(
+                lambda s: s["totals"]["fragments_consumed"] >= args.preload,
+                f"{args.preload:,} sessions preloaded",
+                timeout=3600,
+                poll=1.0,
+            )
         producer = SteadyProducer(broker.bootstrap, topics["INPUT"], args.rate)
         producer.start()
-        events: list[tuple[str, float, float]] = []
+        events: list[tuple[str, float, float, int | None]] = []
         try:
             time.sleep(args.settle)
             for event in EVENTS * args.rounds:
+                lag = standby_lag([first, second])
                 began = time.time()
                 t0 = time.monotonic()
                 if event.startswith("join"):
@@ -147,7 +181,7 @@ def main() -> None:
                     )
                     settled = wait_owned([first], [4])
                     second.process.wait()
-                events.append((event, began, settled - t0))
+                events.append((event, began, settled - t0, lag))
                 time.sleep(args.settle)
         finally:
             producer.halt.set()
@@ -160,13 +194,20 @@ def main() -> None:
                 time.sleep(2)
             second.stop()
             first.stop()
-    print(f"input: {args.rate} records/s over {SESSIONS} sessions, {PARTITIONS} partitions")
+    print(
+        f"input: {args.rate} records/s over {SESSIONS} sessions, {PARTITIONS} partitions, "
+        f"{args.preload:,} idle sessions preloaded"
+    )
     out = sum(map(len, times.values()))
     print(f"sent {producer.sent:,} records; out {out:,}, {len(values):,} distinct")
-    print(f"{'event':<12}{'partitions settled':>20}{'longest output pause':>24}")
-    for event, began, settled in events:
+    print(
+        f"{'event':<12}{'partitions settled':>20}{'longest output pause':>24}"
+        f"{'standby lag before':>20}"
+    )
+    for event, began, settled, lag in events:
         pause = longest_pause(times, began, began + args.settle)
-        print(f"{event:<12}{settled:>19.2f}s{pause:>23.2f}s")
+        shown = "-" if lag is None else f"{lag:,}"
+        print(f"{event:<12}{settled:>19.2f}s{pause:>23.2f}s{shown:>20}")
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -40,6 +40,7 @@ Faust's `_drain_messages`, `_wait_next_records`, `_read_offset`, `_add_gap`,
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -204,8 +205,18 @@ class IntakeConsumer(Consumer):
             self._read_offset[tp] = record.offset
 
     def ack_records(self, batch: ByPartition) -> None:
-        """Mark intake records done, as Faust's `ack` does for each of its messages."""
+        """Mark intake records done, as Faust's `ack` does for each of its messages.
+
+        Also tells Faust's monitor the stream took records from these partitions, as
+        its per-record stream does: the consumer thread logs "Stream has not started
+        processing" for a partition with lag whose monitor time is older than
+        `stream_processing_timeout` (5 minutes).
+        """
         assigned = self.assignment()
+        inbound = self.app.monitor.stream_inbound_time
+        now = time.monotonic()
+        for partition in batch:
+            inbound[TP(self.intake_topic, partition)] = now
         with ack_lock:
             for partition, fragments in batch.items():
                 tp = TP(self.intake_topic, partition)
