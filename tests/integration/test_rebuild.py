@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import rocksdict
@@ -26,6 +27,24 @@ def dump(data_dir: Path) -> dict[str, dict[bytes, bytes]]:
         finally:
             db.close()
     return found
+
+
+def wait_committed(deployment: Deployment, total: int, timeout: float = 30.0) -> None:
+    """Wait until the worker's group has committed `total` input offsets in all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        committed = asyncio.run(
+            harness.committed_offsets(
+                deployment.broker.bootstrap,
+                deployment.env["SESSIONS_APP_ID"],
+                deployment.topic("input"),
+                deployment.partitions,
+            )
+        )
+        if sum(offset or 0 for offset in committed.values()) >= total:
+            return
+        assert time.monotonic() < deadline, f"committed {committed}, want {total} in all"
+        time.sleep(0.2)
 
 
 def test_a_wiped_worker_rebuilds_sessions_in_every_state_exactly(
@@ -53,19 +72,28 @@ def test_a_wiped_worker_rebuilds_sessions_in_every_state_exactly(
 
     worker.env = {**worker.env, "SESSIONS_IDLE_TIMEOUT": str(86400)}
     worker.start()
-    items: list[harness.Item] = []
-    # Evicted: the longest idle when the cap of 20 is passed.
-    items += [(f"v-{n}".encode(), b"old\r\nevicted tail", None) for n in range(4)]
-    # Pending inline, with seq numbers past 0.
-    items += [(f"p-{n:02d}".encode(), b"a\r\nb\r\ntail %d" % n, None) for n in range(16)]
-    # Pending in chunks: more than the 1 KiB kept inline, without a delimiter.
-    items += [(b"big-0", bytes([65 + n]) * 800, None) for n in range(3)]
-    # Overflowed: past the 4,096-byte cap, the head flushed and the rest pending.
-    items += [(b"o-0", b"%d" % n * 1000, None) for n in range(5)]
-    # Closed: a tombstone ends it.
-    items += [(b"c-0", b"x\r\nclosed tail", None), (b"c-0", None, None)]
-    deployment.produce(items)
-    stats = worker.wait_for("fragments_consumed", len(items), timeout=60)
+    # Each phase is applied before the next is sent, so what a later phase closes or evicts
+    # reaches the changelog as a stored buffer and then its tombstone.
+    phases: list[list[harness.Item]] = [
+        # To be evicted: the longest idle when the cap of 20 is passed.
+        [(f"v-{n}".encode(), b"old\r\nevicted tail", None) for n in range(4)],
+        # Pending inline, with seq numbers past 0; one to be closed.
+        [(f"p-{n:02d}".encode(), b"a\r\nb\r\ntail %d" % n, None) for n in range(16)]
+        + [(b"c-0", b"x\r\nclosed tail", None)],
+        # Pending in chunks: more than the 1 KiB kept inline, without a delimiter.
+        # Overflowed: past the 4,096-byte cap, the head flushed and the rest pending.
+        # Closed: a tombstone ends it.
+        [(b"big-0", bytes([65 + n]) * 800, None) for n in range(3)]
+        + [(b"o-0", b"%d" % n * 1000, None) for n in range(5)]
+        + [(b"c-0", None, None)],
+    ]
+    sent = 0
+    for phase in phases:
+        deployment.produce(phase)
+        sent += len(phase)
+        stats = worker.wait_for("fragments_consumed", sent, timeout=60)
+    # Every input offset committed: the rebuilt worker must find nothing to apply.
+    wait_committed(deployment, 1 + sent)
     worker.stop()
     totals = stats["totals"]
     for total in ("sessions_evicted", "sessions_overflowed", "sessions_closed"):
@@ -77,12 +105,14 @@ def test_a_wiped_worker_rebuilds_sessions_in_every_state_exactly(
     worker.start()
     worker.stop()
     rebuilt = dump(worker.data_dir)
+    assert set(rebuilt) == set(written)
     for name, keys in written.items():
         assert set(rebuilt[name]) == set(keys), name
         for key, value in keys.items():
             assert rebuilt[name][key] == value, (name, key)
-        # Something of every kind came back, not just an empty store.
-        assert any(key.startswith(b"i") for key in keys) or not keys
+    kinds = {key[:1] for keys in rebuilt.values() for key in keys}
+    # Buffers, chunks, the idle index, live counts and watermarks came back.
+    assert {b"s", b"k", b"i", b"c", b"w"} <= kinds, kinds
 
     worker.start()
     assert worker.stats()["live_sessions"] == stats["live_sessions"] <= 20
