@@ -36,8 +36,6 @@ from sessions_app.core import keys
 from sessions_app.core.batch import pending_of
 from sessions_app.core.session_state import (
     CHUNKED,
-    CHUNKED_HEADER_SIZE,
-    HEADER_SIZE,
     VERSION,
     CorruptSessionState,
     SessionState,
@@ -103,8 +101,6 @@ class BudgetedOptions(RocksDBOptions):
 
 #: First bytes of the stored buffers this version reads.
 _READABLE = frozenset({bytes([VERSION]), bytes([CHUNKED])})
-#: Where both stored forms keep the activity stamp: big-endian, as the idle index sorts it.
-_STAMP = slice(17, 25)
 
 
 def last_seen_of(raw: bytes | None) -> int | None:
@@ -118,19 +114,9 @@ def last_seen_of(raw: bytes | None) -> int | None:
 
 
 def idle_key_of(raw: bytes | None, session_id: bytes) -> bytes | None:
-    """Return the idle-index key of a stored buffer, None if there is no readable buffer.
-
-    The same key as keys.idle_key(last_seen_of(raw), session_id), built from the
-    stamp's stored bytes: a rebuild builds two per record.
-    """
-    if raw is None or raw[:1] not in _READABLE or len(raw) < HEADER_SIZE:
-        return None
-    if raw[0] == CHUNKED and len(raw) < CHUNKED_HEADER_SIZE:
-        return None
-    stamp = raw[_STAMP]
-    if stamp[0] >= 0x80:  # before 1970: the index sorts it first, as keys.idle_key does
-        return keys.idle_key(-1, session_id)
-    return keys.IDLE + stamp + session_id
+    """Return the idle-index key of a stored buffer, None if there is no readable buffer."""
+    last_seen = last_seen_of(raw)
+    return None if last_seen is None else keys.idle_key(last_seen, session_id)
 
 
 @dataclass(frozen=True)
@@ -320,18 +306,13 @@ class PartitionStore:
         """Apply changelog records, in offset order, in one write batch with their index and count.
 
         The stored states the records replace are read in one multi-get, and of each
-        state only its activity stamp is read: a rebuild does per record little more
-        than its writes.
+        state only its activity stamp is decoded.
         """
         if not records:
             return
         write = rocksdict.WriteBatch(raw_mode=True)
         put, delete = write.put, write.delete
-        buffered = list(
-            dict.fromkeys(
-                key for key in (record.key for record in records) if key and key[:1] == keys.BUFFER
-            )
-        )
+        buffered = list(dict.fromkeys(r.key for r in records if r.key and r.key[:1] == keys.BUFFER))
         current: dict[bytes, bytes | None] = (
             dict(zip(buffered, self.db.get(buffered), strict=True)) if buffered else {}
         )
