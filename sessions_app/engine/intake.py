@@ -7,7 +7,8 @@ and a queue put per record, and an ack per record afterwards. That, not the
 reassembly, held the worker near 10k fragments/s. This consumer keeps
 everything Faust does for correctness and does it once per fetch:
 
-- records of partitions not active (paused, being recovered) are skipped, and
+- records of partitions not active (paused, being recovered) are not handed
+  over by aiokafka, even while no partition is active (`Fetchable`), and
   nothing handed over before a rebalance is applied after it: each fetch is
   tagged with the consumer generation it was handed over in, and the agent drops
   one from an older generation, as Faust drops its per-record messages; recovery
@@ -34,7 +35,8 @@ Private names used, checked against faust-streaming 0.15.3 and aiokafka 0.14.0:
 Faust's `_drain_messages`, `_wait_next_records`, `_read_offset`, `_add_gap`,
 `_buffered_partitions`, `_committed_offset`, `_acked`, `_acked_index`,
 `_n_acked`, `_commit_every`, `_fetch_records`, `_new_consumer_thread`; aiokafka's
-`Fetcher._records` and `PartitionRecords._consumer_record`.
+`Fetcher._records`, `PartitionRecords._consumer_record` and the meaning of an
+empty collection in `Fetcher.fetched_records(partitions)`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from aiokafka.consumer.fetcher import FetchResult
@@ -84,6 +86,31 @@ class _FragmentRecords(OrderedDict):  # type: ignore[type-arg]
         return to_fragment
 
 
+class Fetchable:
+    """The partitions a fetch may hand over, read when it hands them over: none if none is active.
+
+    aiokafka's `fetched_records(partitions)` takes an empty collection for "every
+    partition", and Faust passes it its live set of active partitions, which empties
+    when the last changelog partition is paused at the end of a table recovery,
+    before the source partitions are resumed. A fetch waiting in aiokafka then handed
+    over the source partitions' records from the offsets recovery had just sought; the
+    consumer dropped them (their partitions were not active) and aiokafka's position
+    had moved past them, so the worker resumed after fragments nobody applied. This
+    view is never empty to aiokafka and asks Faust's set at the moment of handing over.
+    """
+
+    __slots__ = ("_live",)
+
+    def __init__(self, live: Collection[Any]) -> None:
+        self._live = live
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self._live
+
+
 class IntakeConsumerThread(AIOKafkaConsumerThread):
     """Faust's consumer thread, fetching the intake topic as Fragments."""
 
@@ -101,8 +128,12 @@ class IntakeConsumerThread(AIOKafkaConsumerThread):
         if type(fetcher._records) is not _FragmentRecords:
             topics = frozenset({intake.intake_topic, *intake.changelog_topics})
             fetcher._records = _FragmentRecords(topics, fetcher._records)
+        fetchable: Any = None if active_partitions is None else Fetchable(active_partitions)
         return await super()._fetch_records(
-            consumer, active_partitions, timeout=timeout, max_records=max_records
+            consumer,
+            fetchable,
+            timeout=timeout,
+            max_records=max_records,
         )
 
 

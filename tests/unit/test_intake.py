@@ -11,13 +11,18 @@ through its output in tests/integration.
 
 from __future__ import annotations
 
-from aiokafka.consumer.fetcher import READ_UNCOMMITTED, FetchResult, PartitionRecords
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from aiokafka.consumer.fetcher import READ_UNCOMMITTED, Fetcher, FetchResult, PartitionRecords
+from aiokafka.consumer.subscription_state import SubscriptionState
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
 
 from sessions_app.core.batch import Fragment
-from sessions_app.engine.intake import _FragmentRecords
+from sessions_app.engine.intake import Fetchable, _FragmentRecords
 
 Record = tuple[bytes | None, bytes | None]
 
@@ -90,3 +95,59 @@ def test_other_topics_keep_aiokafkas_records() -> None:
     assert not isinstance(record, Fragment)
     assert (record.topic, record.offset, record.key, record.value) == (tp.topic, 5, b"k", b"v")
     assert record.headers == (("h", b"x"),)
+
+
+def positioned(tp: TopicPartition, at: int) -> Any:
+    """aiokafka 0.14.0's subscription with `tp` assigned and its position at `at`."""
+    subscriptions = SubscriptionState()
+    subscriptions.assign_from_user({tp})
+    subscriptions.subscription.assignment.state_value(tp).seek(at)
+    return subscriptions
+
+
+async def hand_over(
+    subscriptions: Any, tp: TopicPartition, base: int, values: list[bytes], partitions: Any
+) -> list[int]:
+    """Run aiokafka 0.14.0's `Fetcher.fetched_records` over one fetch of `tp` from `base`.
+
+    Return the offsets it hands over.
+    """
+    result = fetched(tp, base, [(b"k", value) for value in values], base)
+    result._assignment = subscriptions.subscription.assignment
+    fetcher = SimpleNamespace(
+        _subscriptions=subscriptions,
+        _records={tp: result},
+        _notify=lambda future: None,
+        _wait_consume_future=None,
+    )
+    drained = await Fetcher.fetched_records(fetcher, partitions, timeout=0)  # type: ignore[arg-type]
+    return [record.offset for record in drained.get(tp, [])]
+
+
+def test_no_record_is_handed_over_while_no_partition_is_active() -> None:
+    """aiokafka takes an empty set for every partition; the intake's view for none.
+
+    Records aiokafka hands over move its position past them: handed over while their
+    partition is paused, they would be dropped and never read again.
+    """
+
+    async def scenario() -> None:
+        tp = TopicPartition("fragments", 0)
+        subscriptions = positioned(tp, 140)
+        position = subscriptions.subscription.assignment.state_value(tp)
+        active: set[TopicPartition] = set()
+
+        assert await hand_over(subscriptions, tp, 140, [b"v", b"w"], Fetchable(active)) == []
+        assert position.position == 140
+        # The same fetch once the partition is active.
+        active.add(tp)
+        assert await hand_over(subscriptions, tp, 140, [b"v", b"w"], Fetchable(active)) == [
+            140,
+            141,
+        ]
+        assert position.position == 142
+        # What aiokafka does with Faust's set when it is empty: all of it, the position moved.
+        assert await hand_over(subscriptions, tp, 142, [b"x"], set()) == [142]
+        assert position.position == 143
+
+    asyncio.run(scenario())
