@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +18,15 @@ from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_syn
 from sessions_app.tools.harness import Item, Record, WorkerProcess
 from sessions_app.tools.loadgen import Session, Verification, interleave, verify
 
-__all__ = ["Deployment", "Record", "Worker", "in_phases", "partition_of", "records_completed"]
+__all__ = [
+    "Deployment",
+    "Record",
+    "Worker",
+    "in_phases",
+    "large_sessions",
+    "partition_of",
+    "records_completed",
+]
 
 #: The tests' workers; the harness's, under the name the tests use.
 Worker = WorkerProcess
@@ -44,12 +54,44 @@ def in_phases(sessions: list[Session], phases: int, seed: int) -> list[list[Item
     return [[(key, frag, None) for key, frag in interleave(part, seed)] for part in parts]
 
 
+def large_sessions(count: int, sizes: list[int], seed: int) -> list[Session]:
+    """Sessions of records of the given sizes, cut into fragments of about 1 KiB.
+
+    The cuts fall anywhere, between the delimiter's two bytes too, and some records
+    are 1 byte: the smallest beside the largest.
+    """
+    rng = random.Random(seed)
+    sessions = []
+    for n in range(count):
+        records = [
+            bytes(rng.choice(b"abcdefgh\r") for _ in range(size)).replace(b"\r", b"x")
+            for size in (*sizes, 1)
+        ]
+        stream = b"".join(record + b"\r\n" for record in records)
+        cuts = sorted({rng.randrange(1, len(stream)) for _ in range(len(stream) // 1024)})
+        # A cut between \r and \n of every record's delimiter but the last.
+        cuts = sorted(set(cuts) | {stream.index(b"\r\n") + 1})
+        bounds = [0, *cuts, len(stream)]
+        fragments = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+        sessions.append(Session(f"big-{seed}-{n}".encode(), records, fragments))
+    return sessions
+
+
 def records_completed(items: list[Item], delimiter: bytes) -> int:
     """Return how many records `items` complete when they are the first a session gets."""
     sent: dict[bytes | None, list[bytes]] = {}
     for key, value, _ in items:
         sent.setdefault(key, []).append(value or b"")
     return sum(b"".join(values).count(delimiter) for values in sent.values())
+
+
+def last_offsets(items: list[Item], partitions: int) -> dict[int, int]:
+    """Return the last offset `items` get in each partition of a topic they start."""
+    counts: dict[int, int] = {}
+    for key, _, partition in items:
+        where = partition if partition is not None else partition_of(key or b"", partitions)
+        counts[where] = counts.get(where, 0) + 1
+    return {partition: count - 1 for partition, count in counts.items()}
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +157,22 @@ class Deployment:
         """Read topic `name` from the start until `done(records)` holds (or timeout)."""
         return asyncio.run(
             harness.read_topic(self.broker.bootstrap, self.topic(name), done, timeout=timeout)
+        )
+
+    def wait_applied(self, worker: Worker, sent: list[Item], timeout: float = 60.0) -> None:
+        """Wait until `worker` has applied every input offset of `sent`, all this test sent.
+
+        Exact where a count of fragments is not: replays of uncommitted fragments after a
+        restart count too.
+        """
+        last = {str(p): offset for p, offset in last_offsets(sent, self.partitions).items()}
+        worker.wait_until(
+            lambda s: all(
+                s["partitions"].get(p, {}).get("applied_offset", -1) >= offset
+                for p, offset in last.items()
+            ),
+            f"input offsets applied up to {last}",
+            timeout,
         )
 
     def verify(self, sessions: list[Session], timeout: float = 60.0) -> Verification:

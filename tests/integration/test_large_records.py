@@ -7,40 +7,11 @@ moment and check each record comes out byte for byte.
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
-
-import pytest
 
 from sessions_app.tools.loadgen import Session
 
-from .conftest import Deployment
-
-DELIMITER = b"\r\n"
-
-
-def large_sessions(count: int, sizes: list[int], seed: int) -> list[Session]:
-    """Sessions of records of the given sizes, cut into fragments of about 1 KiB.
-
-    The cuts fall anywhere, between the delimiter's two bytes too, and some records
-    are 1 byte: the smallest beside the largest.
-    """
-    rng = random.Random(seed)
-    sessions = []
-    for n in range(count):
-        records = [
-            bytes(rng.choice(b"abcdefgh\r") for _ in range(size)).replace(b"\r", b"x")
-            for size in (*sizes, 1)
-        ]
-        stream = b"".join(record + DELIMITER for record in records)
-        cuts = sorted({rng.randrange(1, len(stream)) for _ in range(len(stream) // 1024)})
-        # A cut between \r and \n of every record's delimiter but the last.
-        cuts = sorted(set(cuts) | {stream.index(DELIMITER) + 1})
-        bounds = [0, *cuts, len(stream)]
-        fragments = [stream[a:b] for a, b in itertools.pairwise(bounds)]
-        sessions.append(Session(f"big-{seed}-{n}".encode(), records, fragments))
-    return sessions
+from .conftest import Deployment, large_sessions
 
 
 def interleaved(
@@ -59,22 +30,14 @@ def interleaved(
     return items
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect, open in issue 14: in about a third of runs (also on d6244ee, before "
-    "the bulk recovery), when the restarted worker is stopped before it applies any new "
-    "fragment, the worker that rebuilds from the changelog emits every 120 kB record corrupt",
-)
 def test_large_records_survive_kill_9_half_way_and_a_move_to_an_empty_disk(
     deployment: Deployment,
 ) -> None:
     sessions = large_sessions(6, [60_000, 120_000], seed=1)
+    phases = [interleaved(sessions, a, b) for a, b in ((0.0, 0.4), (0.4, 0.7), (0.7, 1.0))]
     worker = deployment.start_worker("w1")
-    deployment.produce(interleaved(sessions, 0.0, 0.4))
-    worker.wait_until(
-        lambda s: s["totals"]["fragments_consumed"] >= len(interleaved(sessions, 0.0, 0.4)),
-        "the first 40% applied",
-    )
+    deployment.produce(phases[0])
+    deployment.wait_applied(worker, phases[0])
     assert worker.stats()["live_sessions"] == len(sessions)
     # Half a record and more pending, in chunks: the lookup counts them all.
     found = json.loads(worker.get(f"/sessions/lookup?key={sessions[0].key.decode()}"))
@@ -82,15 +45,12 @@ def test_large_records_survive_kill_9_half_way_and_a_move_to_an_empty_disk(
     # Killed while every record is half stored, in chunks.
     worker.kill9()
     worker.start()
-    deployment.produce(interleaved(sessions, 0.4, 0.7))
-    worker.wait_until(
-        lambda s: s["totals"]["fragments_consumed"] >= len(interleaved(sessions, 0.4, 0.7)),
-        "the next 30% applied",
-    )
+    deployment.produce(phases[1])
+    deployment.wait_applied(worker, phases[0] + phases[1])
     # The partitions move to a worker with an empty disk: the chunks come from the changelog.
     worker.stop()
     other = deployment.start_worker("w2")
-    deployment.produce(interleaved(sessions, 0.7, 1.0))
+    deployment.produce(phases[2])
     check = deployment.verify(sessions)
     assert check.ok, check.summary() + other.log()[-3000:]
 

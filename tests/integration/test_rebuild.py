@@ -10,8 +10,9 @@ from pathlib import Path
 import rocksdict
 
 from sessions_app.tools import harness
+from sessions_app.tools.loadgen import generate
 
-from .conftest import Deployment
+from .conftest import Deployment, in_phases, large_sessions
 
 #: Faust's key for the changelog offset a store has applied up to.
 OFFSET_KEY = b"__faust\x00offset__"
@@ -127,3 +128,28 @@ def test_a_wiped_worker_rebuilds_sessions_in_every_state_exactly(
         )
     )
     assert want <= {(r.key, r.value, r.headers.get("seq")) for r in records}
+
+
+def test_fragments_sent_while_no_worker_ran_are_applied_by_one_that_rebuilds(
+    deployment: Deployment,
+) -> None:
+    """A worker on an empty disk rebuilds, then applies the backlog past the committed offsets.
+
+    The backlog waits on the broker while the new worker rebuilds: its consumer may fetch
+    it before the table recovery ends, and must apply every fragment once recovery has
+    sought the input back to the committed offsets. Sessions inline and in chunks.
+    """
+    sessions = generate("b", 40, 6, b"\r\n", seed=11) + large_sessions(4, [30_000], seed=11)
+    phases = in_phases(sessions, 3, seed=11)
+    first = deployment.start_worker("w1")
+    deployment.produce(phases[0])
+    deployment.wait_applied(first, phases[0])
+    wait_committed(deployment, sum(len(phase) for phase in phases[:1]))
+    first.stop()
+    # The backlog: sent while no worker runs.
+    deployment.produce(phases[1])
+    second = deployment.start_worker("w2")
+    deployment.wait_applied(second, phases[0] + phases[1])
+    deployment.produce(phases[2])
+    check = deployment.verify(sessions)
+    assert check.ok, check.summary() + "\n" + second.log()[-3000:]
