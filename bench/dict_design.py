@@ -3,7 +3,9 @@
 Run as a process by the benchmarks: it consumes the input topic, appends
 each fragment to its session's bytes, cuts records at the delimiter,
 produces them, and keeps the unfinished tails in a plain dict. It writes
-its progress (fragments consumed) to a file the benchmark polls.
+its progress (fragments consumed) to a file the benchmark polls. Given a
+consumer group, it commits as an at-least-once consumer does, every few
+seconds once what it consumed is delivered.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import passthrough_clients
+from bench.common import Committer, passthrough_clients
 from sessions_app.settings import parse_delimiter
 
 
 async def main(
-    bootstrap: str, source: str, sink: str, progress: Path, produce: bool, delimiter: bytes
+    bootstrap: str,
+    source: str,
+    sink: str,
+    progress: Path,
+    produce: bool,
+    delimiter: bytes,
+    group: str | None = None,
 ) -> None:
-    consumer, producer = passthrough_clients(bootstrap, source)
+    consumer, producer = passthrough_clients(bootstrap, source, group)
+    committer = Committer(consumer, group is not None)
     await consumer.start()
     await producer.start()
     buffers: dict[bytes, bytes] = {}
@@ -41,6 +50,7 @@ async def main(
                     consumed += 1
             if pending:
                 await asyncio.gather(*pending)
+            await committer.maybe_commit()
             now = time.monotonic()
             if now - last_report > 0.2:
                 progress.write_text(f"{consumed} {time.time()}")
@@ -52,7 +62,8 @@ async def main(
 
 if __name__ == "__main__":
     bootstrap, source, sink, progress, produce = sys.argv[1:6]
-    # Optional sixth argument: the delimiter, with escapes such as \r\n (default \n).
+    # Optional: the delimiter, with escapes such as \r\n (default \n), and a consumer group.
     escaped = sys.argv[6] if len(sys.argv) > 6 else "\\n"
+    group = sys.argv[7] if len(sys.argv) > 7 else None
     delimiter = parse_delimiter("delimiter argument", escaped)
-    asyncio.run(main(bootstrap, source, sink, Path(progress), produce == "1", delimiter))
+    asyncio.run(main(bootstrap, source, sink, Path(progress), produce == "1", delimiter, group))

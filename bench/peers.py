@@ -1,6 +1,6 @@
 """The other contenders of the throughput benchmark, each run as its own process.
 
-    python -m bench.peers raw  BOOTSTRAP SOURCE SINK
+    python -m bench.peers raw  BOOTSTRAP SOURCE SINK [GROUP]
     python -m bench.peers quix BOOTSTRAP SOURCE SINK DELIMITER STATE_DIR GROUP
 
 `raw` consumes and produces every fragment unchanged with aiokafka: the limit
@@ -16,12 +16,13 @@ import asyncio
 import sys
 from typing import Any
 
-from bench.common import passthrough_clients
+from bench.common import Committer, passthrough_clients
 from sessions_app.settings import parse_delimiter
 
 
-async def raw(bootstrap: str, source: str, sink: str) -> None:
-    consumer, producer = passthrough_clients(bootstrap, source)
+async def raw(bootstrap: str, source: str, sink: str, group: str | None = None) -> None:
+    consumer, producer = passthrough_clients(bootstrap, source, group)
+    committer = Committer(consumer, group is not None)
     await consumer.start()
     await producer.start()
     try:
@@ -34,6 +35,7 @@ async def raw(bootstrap: str, source: str, sink: str) -> None:
             ]
             if pending:
                 await asyncio.gather(*pending)
+            await committer.maybe_commit()
     finally:
         await consumer.stop()
         await producer.stop()
@@ -84,7 +86,7 @@ def quix(
 if __name__ == "__main__":
     kind, bootstrap, source, sink, *rest = sys.argv[1:]
     if kind == "raw":
-        asyncio.run(raw(bootstrap, source, sink))
+        asyncio.run(raw(bootstrap, source, sink, *rest[:1]))
     elif kind == "quix":
         delimiter, state_dir, group = rest
         quix(bootstrap, source, sink, parse_delimiter("DELIMITER", delimiter), state_dir, group)

@@ -1,33 +1,41 @@
 """Throughput benchmark: sessions-app side by side with the raw client and its peers.
 
-One embedded broker, one pre-produced input (50k sessions of 3 records of
-40-160 bytes, each record cut into 1-3 fragments, sessions interleaved), read
-in turn by each contender as a process with its own output topic:
+One embedded broker, one pre-produced input (by default 50k sessions of 10
+records of 40-160 bytes, each record cut into 1-3 fragments: about 1M
+fragments, sessions interleaved), read in turn by each contender as a
+process (or two) with its own consumer group and output topic:
 
   raw          aiokafka consume and produce, each fragment unchanged (the limit)
   dict         the dict design: aiokafka, buffers in a dict (bench/dict_design.py)
   stock-faust  a Faust agent updating a RocksDB table per fragment (bench/stock_faust.py)
   sessions-app a sessions-app worker with its defaults
   sessions-app-40k  the same with SESSIONS_BATCH_FRAGMENTS=40000 (faster, more heap)
+  sessions-app-2w   two sessions-app workers (the Procfile's way to use more cores)
   quix         quixstreams with its RocksDB state (bench/peers.py; `pip install -e .[bench]`)
 
-Throughput is fragments per second while the output flows steadily: the
-80% of the output between the moments the sink topic held 10% and 90% of it
-(its high watermarks, sampled every 50 ms), over that time.
-Every contender's output is checked against the input: each session's
-records, byte for byte and in order. CPU is the contender process's user +
-system seconds per 100k fragments, start-up included.
+The clock is each contender's consumer group's committed input offsets,
+read by one long-lived consumer in the benchmark every 50 ms: exact, and
+free for the contenders, which commit anyway (raw and dict commit every
+2.8 s, Faust's default, once what they consumed is delivered; quixstreams
+every 5 s, its default). Throughput is the input committed between the
+group's first commit step and its last step before the one that completes
+the input, over that time: start-up, the wait for the first commit and the
+idle time before the last one don't count, and every contender was busy
+all along. Every contender's output is checked against the input: each
+session's records, byte for byte and in order. CPU is the contender's user
++ system seconds per 100k fragments, start-up included.
 
     .venv/bin/python -m bench.throughput [--sessions 50000] [--only dict,sessions-app] [--rounds 3]
 
-With --rounds N every contender runs N times, in turn, and the medians and
-the median of the per-round ratios are printed: on a shared machine one
-run's figures move by a fifth.
+With --rounds N every contender runs N times, in turn; the median, the
+spread ((max - min) / median) of each contender, and the per-round ratios
+are printed: on a shared machine one run's figures move.
 
 With --profile DIR, each sessions-app worker runs under py-spy (a bench
 extra), which writes DIR/<contender>-r<round>.txt: collapsed stacks per
-thread, for flamegraph tools or a grep; the CPU time of each of the worker's
-threads is printed. Figures of a profiled run carry py-spy's overhead.
+thread, for `python -m bench.breakdown` or a flamegraph tool; the CPU time
+of each of the worker's threads is printed. Figures of a profiled run carry
+py-spy's overhead.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -43,11 +52,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.breakdown import breakdown, report
 from bench.common import ROOT
 from sessions_app.tools.embedded_broker import EmbeddedBroker, create_topics_sync, free_port
 from sessions_app.tools.harness import EMBEDDED_BROKER_ENV, read_topic, send
@@ -56,7 +66,17 @@ from sessions_app.tools.loadgen import generate, interleave
 PARTITIONS = 4
 DELIMITER = b"\r\n"
 ESCAPED = "\\r\\n"
-CONTENDERS = ["raw", "dict", "stock-faust", "sessions-app", "sessions-app-40k", "quix"]
+CONTENDERS = [
+    "raw",
+    "dict",
+    "stock-faust",
+    "sessions-app",
+    "sessions-app-40k",
+    "sessions-app-2w",
+    "quix",
+]
+#: How often the clock reads the committed offsets.
+CLOCK_PERIOD = 0.05
 
 
 @dataclass
@@ -75,62 +95,49 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def wait_for_output(
-    bootstrap: str, topic: str, count: int, alive: Callable[[], bool], timeout: float
+async def watch_commits(
+    bootstrap: str, group: str, topic: str, total: int, alive: Callable[[], bool], timeout: float
 ) -> list[tuple[float, int]]:
-    """Wait until `topic` holds `count` records, reading only its high watermarks.
+    """Read `group`'s committed offsets of `topic` until they cover `total` records.
 
-    Returns (monotonic time, records in the topic) samples, about 50 ms apart.
+    Returns (monotonic time, offsets committed over all partitions) samples,
+    CLOCK_PERIOD apart. One consumer, which never joins the group, asks the
+    coordinator: it costs the contender nothing.
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=4096
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
     )
     await consumer.start()
     samples: list[tuple[float, int]] = []
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        # The broker's ListOffsets under-reports (shared/BROKER.md); fetches give the truth.
-        ends = dict.fromkeys(tps, 0)
         deadline = time.monotonic() + timeout
-        while sum(ends.values()) < count:
+        while not samples or samples[-1][1] < total:
             if time.monotonic() > deadline or not alive():
-                raise TimeoutError(f"{topic}: {sum(ends.values())} of {count} records")
-            for tp in tps:
-                consumer.seek(tp, max(0, ends[tp] - 1))
-            await consumer.getmany(timeout_ms=100, max_records=PARTITIONS)
-            for tp in tps:
-                ends[tp] = max(ends[tp], consumer.highwater(tp) or 0)
-            samples.append((time.monotonic(), sum(ends.values())))
-            await asyncio.sleep(0.05)
+                raise TimeoutError(f"{group}: {samples[-1][1] if samples else 0} of {total}")
+            committed = sum([await consumer.committed(tp) or 0 for tp in tps])
+            samples.append((time.monotonic(), committed))
+            await asyncio.sleep(CLOCK_PERIOD)
     finally:
         await consumer.stop()
     return samples
 
 
-def steady_rate(samples: list[tuple[float, int]], count: int) -> float:
-    """The share of the output produced per second between its 10th and 90th percentile.
+def commit_rate(samples: list[tuple[float, int]]) -> float:
+    """Records per second between the first commit step and the last before the final one.
 
-    From the topic's growth as sampled: the times it held 10% and 90% of `count`,
-    interpolated between samples. Record timestamps would not do: quixstreams gives
-    its output the input's timestamps. From the first output record to the last would
-    leave out whatever a contender consumed before its first output, which flatters
-    designs that work in large batches.
+    A step is a sample whose committed total is higher than the one before. The
+    final step may come up to a commit interval after the contender ran out of
+    input, so the window ends at the step before it: the contender was busy
+    throughout.
     """
-
-    def reached(share: float) -> float:
-        target = count * share
-        before = (samples[0][0], 0)
-        for at, seen in samples:
-            if seen >= target:
-                (t0, n0), (t1, n1) = before, (at, seen)
-                return t1 if n1 == n0 else t0 + (t1 - t0) * (target - n0) / (n1 - n0)
-            before = (at, seen)
-        raise ValueError(f"the output never reached {share:.0%} of {count}")
-
-    return 0.8 / (reached(0.9) - reached(0.1))
+    steps = [(at, seen) for (_, before), (at, seen) in itertools.pairwise(samples) if seen > before]
+    if len(steps) < 3:
+        raise ValueError(f"only {len(steps)} commit steps: give the contender more input")
+    (t0, n0), (t1, n1) = steps[0], steps[-2]
+    return (n1 - n0) / (t1 - t0)
 
 
 def read_all(bootstrap: str, topic: str) -> tuple[int, dict[bytes, list[bytes]]]:
@@ -159,10 +166,15 @@ def child_pid(pid: int) -> int:
 
 class Bench:
     def __init__(
-        self, broker: EmbeddedBroker, workdir: Path, sessions: int, profile: Path | None = None
+        self,
+        broker: EmbeddedBroker,
+        workdir: Path,
+        sessions: int,
+        records: int,
+        profile: Path | None = None,
     ) -> None:
         self.broker, self.workdir, self.profile = broker, workdir, profile
-        generated = generate("t", sessions, 3, DELIMITER, seed=6)
+        generated = generate("t", sessions, records, DELIMITER, seed=6)
         self.items = list(interleave(generated, seed=6))
         self.expected = {s.key: s.records for s in generated}
         self.records = sum(len(r) for r in self.expected.values())
@@ -176,8 +188,9 @@ class Bench:
 
     def command(self, name: str, sink: str) -> tuple[list[str], dict[str, str]]:
         py, bootstrap, state = sys.executable, self.broker.bootstrap, self.workdir / sink
+        group = f"bench-{sink}"
         if name == "raw":
-            return [py, "-m", "bench.peers", "raw", bootstrap, "tp-in", sink], {}
+            return [py, "-m", "bench.peers", "raw", bootstrap, "tp-in", sink, group], {}
         if name == "dict":
             progress = str(self.workdir / f"{sink}.progress")
             return [
@@ -190,13 +203,14 @@ class Bench:
                 progress,
                 "1",
                 ESCAPED,
+                group,
             ], {}
         if name == "quix":
-            args = ["quix", bootstrap, "tp-in", sink, ESCAPED, str(state), f"bench-{sink}"]
+            args = ["quix", bootstrap, "tp-in", sink, ESCAPED, str(state), group]
             return [py, "-m", "bench.peers", *args], {}
         if name == "stock-faust":
             env = {
-                "STOCK_APP_ID": f"bench-{sink}",
+                "STOCK_APP_ID": group,
                 "STOCK_BROKER_URL": self.broker.url,
                 "STOCK_DATA_DIR": str(state),
                 "STOCK_PARTITIONS": str(PARTITIONS),
@@ -208,7 +222,7 @@ class Bench:
         if name.startswith("sessions-app"):
             env = {
                 **EMBEDDED_BROKER_ENV,
-                "SESSIONS_APP_ID": f"bench-{sink}",
+                "SESSIONS_APP_ID": group,
                 "SESSIONS_BROKER_URL": self.broker.url,
                 "SESSIONS_DATA_DIR": str(state),
                 "SESSIONS_WEB_PORT": str(free_port()),
@@ -238,40 +252,64 @@ class Bench:
         )
         command, env = self.command(name, sink)
         profiled = self.profile is not None and name.startswith("sessions-app")
-        if profiled:
-            assert self.profile is not None
-            spy = str(Path(sys.executable).parent / "py-spy")
-            output = self.profile / f"{name}-r{round_}.txt"
-            options = ["--threads", "--nonblocking", "--rate", "200", "--format", "raw"]
-            command = [spy, "record", *options, "--output", str(output), "--", *command]
-        want = self.fragments if name == "raw" else self.records
-        log = self.workdir / f"{sink}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-            )
+        processes = []
+        for worker in range(2 if name == "sessions-app-2w" else 1):
+            argv, worker_env = command, dict(env)
+            if worker:  # the second worker: its own web port and disk, as in the Procfile
+                worker_env["SESSIONS_WEB_PORT"] = str(free_port())
+                worker_env["SESSIONS_DATA_DIR"] = f"{env['SESSIONS_DATA_DIR']}-w{worker + 1}"
+            if profiled:
+                assert self.profile is not None
+                spy = str(Path(sys.executable).parent / "py-spy")
+                written = self.profile / f"{name}-r{round_}-w{worker + 1}.txt"
+                options = ["--threads", "--nonblocking", "--rate", "200", "--format", "raw"]
+                argv = [spy, "record", *options, "--output", str(written), "--", *command]
+            log = self.workdir / f"{sink}-w{worker + 1}.log"
+            with log.open("wb") as out:
+                processes.append(
+                    subprocess.Popen(
+                        argv,
+                        env={**os.environ, **worker_env},
+                        cwd=ROOT,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         try:
             samples = asyncio.run(
-                wait_for_output(
-                    self.broker.bootstrap, sink, want, lambda: process.poll() is None, 1800
+                watch_commits(
+                    self.broker.bootstrap,
+                    f"bench-{sink}",
+                    "tp-in",
+                    self.fragments,
+                    lambda: all(p.poll() is None for p in processes),
+                    1800,
                 )
             )
-            pid = child_pid(process.pid) if profiled else process.pid
-            cpu = cpu_seconds(pid)
+            pids = [child_pid(p.pid) if profiled else p.pid for p in processes]
+            cpu = sum(cpu_seconds(pid) for pid in pids)
             if profiled:
-                threads = ", ".join(f"{t:.1f}" for t in thread_cpu_seconds(pid) if t >= 0.05)
-                print(f"{name}: CPU seconds per thread: {threads}", flush=True)
+                for pid in pids:
+                    threads = ", ".join(f"{t:.1f}" for t in thread_cpu_seconds(pid) if t >= 0.05)
+                    print(f"{name}: CPU seconds per thread: {threads}", flush=True)
         except TimeoutError as exc:
-            tail = log.read_text(errors="replace")[-2000:]
+            tail = (self.workdir / f"{sink}-w1.log").read_text(errors="replace")[-2000:]
             return Result(name, 0.0, 0.0, 0, f"FAILED: {exc}\n{tail}")
         finally:
-            # py-spy writes its profile when interrupted, and stops the worker.
-            process.send_signal(signal.SIGINT if profiled else signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            for process in processes:
+                # py-spy writes its profile when interrupted, and stops the worker.
+                process.send_signal(signal.SIGINT if profiled else signal.SIGTERM)
+            for process in processes:
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if profiled:
+            assert self.profile is not None
+            profiles = [self.profile / f"{name}-r{round_}-w{w + 1}.txt" for w in range(len(pids))]
+            steps = sum((breakdown(path) for path in profiles if path.exists()), Counter())
+            print(report(steps, cpu / self.fragments * 1_000_000), flush=True)
         output, by_key = read_all(self.broker.bootstrap, sink)
         truth = self.by_key_fragments if name == "raw" else self.expected
         wrong = sum(1 for key, values in truth.items() if by_key.get(key) != values)
@@ -279,18 +317,13 @@ class Bench:
         verdict = (
             "ok" if not wrong and not extra else f"{wrong} sessions differ, {len(extra)} unknown"
         )
-        return Result(
-            name,
-            self.fragments * steady_rate(samples, want),
-            cpu / self.fragments * 100_000,
-            output,
-            verdict,
-        )
+        return Result(name, commit_rate(samples), cpu / self.fragments * 100_000, output, verdict)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=50_000)
+    parser.add_argument("--records", type=int, default=10, help="records per session")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
     parser.add_argument("--rounds", type=int, default=1, help="run every contender this often")
     parser.add_argument("--profile", type=Path, help="write py-spy profiles of sessions-app here")
@@ -305,7 +338,7 @@ def main() -> None:
         with EmbeddedBroker() as broker:
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
-            bench = Bench(broker, workdir, args.sessions, args.profile)
+            bench = Bench(broker, workdir, args.sessions, args.records, args.profile)
             print(
                 f"input: {bench.fragments:,} fragments, {bench.records:,} records, "
                 f"{args.sessions:,} sessions, {PARTITIONS} partitions; {os.cpu_count()} CPUs",
@@ -328,25 +361,32 @@ def main() -> None:
     for result in results:
         runs[result.name].append(result)
     if args.rounds > 1:
-        print(f"median of {args.rounds} rounds:")
+        print(f"median of {args.rounds} rounds, spread = (max - min) / median:")
         for name, of_name in runs.items():
-            rate = statistics.median(r.fragments_per_s for r in of_name)
+            rates = [r.fragments_per_s for r in of_name]
+            rate = statistics.median(rates)
             cpu = statistics.median(r.cpu_per_100k for r in of_name)
-            print(f"{name:<17}{rate:>10,.0f} fragments/s{cpu:>8.1f} CPU s/100k")
-    for ours in (n for n in runs if n.startswith("sessions-app")):
-        for other in (n for n in runs if not n.startswith("sessions-app")):
-            # Per round: the two ran minutes apart on the same broker.
-            ratios = [
-                a.fragments_per_s / b.fragments_per_s
-                for a, b in zip(runs[ours], runs[other], strict=True)
-                if a.fragments_per_s and b.fragments_per_s
-            ]
-            if ratios:
-                each = ", ".join(f"{r:.2f}" for r in ratios)
-                median = statistics.median(ratios)
-                print(
-                    f"{ours:<16} / {other:<12} {median:6.2f}x" + (f"  ({each})" * (len(ratios) > 1))
-                )
+            spread = (max(rates) - min(rates)) / rate if rate else float("nan")
+            print(
+                f"{name:<17}{rate:>10,.0f} fragments/s{cpu:>8.1f} CPU s/100k"
+                f"  spread {spread:4.0%}  ({', '.join(f'{r:,.0f}' for r in rates)})"
+            )
+    ours = [n for n in runs if n.startswith("sessions-app")]
+    pairs = [(a, b) for a in ours for b in runs if not b.startswith("sessions-app")]
+    # Scaling on one machine: two workers against one.
+    if {"sessions-app-2w", "sessions-app"} <= set(runs):
+        pairs.append(("sessions-app-2w", "sessions-app"))
+    for mine, other in pairs:
+        # Per round: the two ran minutes apart on the same broker.
+        ratios = [
+            a.fragments_per_s / b.fragments_per_s
+            for a, b in zip(runs[mine], runs[other], strict=True)
+            if a.fragments_per_s and b.fragments_per_s
+        ]
+        if ratios:
+            each = ", ".join(f"{r:.2f}" for r in ratios)
+            median = statistics.median(ratios)
+            print(f"{mine:<16} / {other:<16} {median:6.2f}x" + (f"  ({each})" * (len(ratios) > 1)))
 
 
 if __name__ == "__main__":
