@@ -9,8 +9,17 @@ stops the worker with 100k idle sessions of another app, waits past the
 idle timeout, restarts it so all of them
 expire in one sweep, and prints the longest event-loop stall meanwhile.
 
-    .venv/bin/python -m bench.memory                 # 100k, 1M, 5M
-    .venv/bin/python -m bench.memory --steps 100000,1000000
+Then the rate as sessions accumulate (`--hold`, 10M by default): a worker
+alone (no dict design beside it) takes a backlog of that many new sessions
+and a step more, one fragment each, 64-byte tails, idle timeout a day, the
+cap at the total;
+for every million it prints fragments per second (from its applied totals,
+sampled every 0.25 s), the rate against the first million's, the longest
+event-loop stall, and RSS.
+
+    .venv/bin/python -m bench.memory                 # 100k, 1M, 5M; hold to 10M
+    .venv/bin/python -m bench.memory --steps 100000,1000000 --hold 0
+    .venv/bin/python -m bench.memory --skip-growth --expiry-sessions 0   # the hold alone
 """
 
 from __future__ import annotations
@@ -212,11 +221,82 @@ def expiry_stall(broker: EmbeddedBroker, workdir: Path, sessions: int, idle: flo
         app.stop()
 
 
+def rate_hold(broker: EmbeddedBroker, workdir: Path, total: int, step: int) -> None:
+    """One worker takes `total` new sessions from a backlog; print its rate per `step`."""
+    topics = ["hold-in", "hold-out", "hold-expired", "hold-dlq", "hold-alerts"]
+    create_topics_sync(broker.bootstrap, topics, PARTITIONS)
+    # A step more than is measured: the worker never runs out of input in the last step.
+    sessions = remnant_sessions("h", 0, total + step, REMNANT)
+    seconds = asyncio.run(send_remnants(broker.bootstrap, "hold-in", sessions, b"\n"))
+    print(f"hold: sent {total + step:,} new sessions in {seconds:.0f}s", flush=True)
+    app = bench_worker(
+        broker,
+        workdir,
+        SESSIONS_APP_ID="bench-hold",
+        SESSIONS_INPUT_TOPIC="hold-in",
+        SESSIONS_OUTPUT_TOPIC="hold-out",
+        SESSIONS_EXPIRED_TOPIC="hold-expired",
+        SESSIONS_DLQ_TOPIC="hold-dlq",
+        SESSIONS_ALERTS_TOPIC="hold-alerts",
+        SESSIONS_PARTITIONS=str(PARTITIONS),
+        SESSIONS_MAX_SESSIONS=str(total),
+        SESSIONS_IDLE_TIMEOUT=str(86400),
+    ).start()
+    print(f"{'sessions':>12} {'fragments/s':>12} {'vs first':>9} {'longest stall':>14} {'RSS':>9}")
+    samples: list[tuple[float, int, float]] = []  # (time, applied, stall in the last 10 s)
+    first_rate = 0.0
+    worst = 0.0
+    rate = 0.0
+    try:
+        for end in range(step, total + 1, step):
+            while not samples or samples[-1][1] < end:
+                try:
+                    stats = json.loads(app.get("/sessions/", timeout=60))
+                except OSError:
+                    continue  # the loop stalled past the timeout: the stall probe tells how long
+                loop = stats["event_loop"]
+                applied = stats["totals"]["fragments_consumed"]
+                samples.append((time.monotonic(), applied, loop["max_stall_ms_last_10s"]))
+                time.sleep(0.25)
+            began = crossing(samples, end - step)
+            ended = crossing(samples, end)
+            rate = step / (ended - began)
+            first_rate = first_rate or rate
+            stall = max(s for at, _, s in samples if began <= at <= ended + 0.25)
+            worst = max(worst, stall)
+            print(
+                f"{end:>12,} {rate:>12,.0f} {rate / first_rate:>8.2f}x {stall:>11.1f} ms "
+                f"{mib(rss_bytes(app.pid)):>9}",
+                flush=True,
+            )
+        print(
+            f"hold: rate at {total:,} is {rate / first_rate:.2f}x the rate at {step:,} "
+            f"(target >= 0.75x); longest event-loop stall {worst:.1f} ms (target <= 100 ms)"
+        )
+    finally:
+        app.stop()
+
+
+def crossing(samples: list[tuple[float, int, float]], count: int) -> float:
+    """Return when the applied total reached `count`, interpolated between samples."""
+    before = samples[0]
+    if count <= before[1]:
+        return before[0]
+    for sample in samples:
+        if sample[1] >= count:
+            (t0, n0, _), (t1, n1, _) = before, sample
+            return t1 if n1 == n0 else t0 + (t1 - t0) * (count - n0) / (n1 - n0)
+        before = sample
+    raise ValueError(f"{count:,} never reached")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="100000,1000000,5000000")
     parser.add_argument("--expiry-sessions", type=int, default=100_000)
     parser.add_argument("--skip-growth", action="store_true")
+    parser.add_argument("--hold", type=int, default=10_000_000, help="sessions; 0 skips")
+    parser.add_argument("--hold-step", type=int, default=1_000_000)
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
@@ -225,7 +305,10 @@ def main() -> None:
         with EmbeddedBroker() as broker:
             if not args.skip_growth:
                 growth(broker, workdir / "growth", steps)
-            expiry_stall(broker, workdir / "expiry", args.expiry_sessions, idle=20)
+            if args.expiry_sessions:
+                expiry_stall(broker, workdir / "expiry", args.expiry_sessions, idle=20)
+            if args.hold:
+                rate_hold(broker, workdir / "hold", args.hold, args.hold_step)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
