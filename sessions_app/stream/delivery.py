@@ -70,6 +70,8 @@ class Delivery:
                 batch.close()
                 future = await producer.send_batch(batch, topic, partition=partition)
                 in_flight.batches.append(((topic, partition), count, future))
+            # send_batch rarely suspends: let timers and the web view in between partitions.
+            await asyncio.sleep(0)
         return in_flight
 
     async def send(

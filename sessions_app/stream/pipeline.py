@@ -153,19 +153,17 @@ class ChangeSet:
                 sends[(changelog, partition)] = records
         return sends
 
-    def write_batches(self) -> dict[int, PreparedWrite]:
-        """Return each partition's RocksDB write batch for step 3, all but its offset."""
-        return {
-            partition: prepare_write(
-                change.writes,
-                change.before,
-                self._encoded[partition],
-                change.markers,
-                change.watermark,
-                change.chunks,
-            )
-            for partition, change in self.partitions.items()
-        }
+    def write_batch(self, partition: int) -> PreparedWrite:
+        """Return a partition's RocksDB write batch for step 3, all but its offset."""
+        change = self.partitions[partition]
+        return prepare_write(
+            change.writes,
+            change.before,
+            self._encoded[partition],
+            change.markers,
+            change.watermark,
+            change.chunks,
+        )
 
     def logged(self) -> None:
         """Mark step 2 done: the changelog has every change."""
@@ -261,6 +259,9 @@ class Pipeline:
             results[partition] = result
             applied.append(partition)
             live += result.live_delta
+            # A batch takes up to SESSIONS_BATCH_FRAGMENTS: let timers, probes and the web
+            # view in between partitions (the lock keeps other changes out).
+            await asyncio.sleep(0)
         if live > settings.max_sessions and not reject:
             self._evict(results, live - settings.max_sessions)
 
@@ -355,7 +356,11 @@ class Pipeline:
         #    built meanwhile; acked.
         changelog = self.table.changelog_topic.get_topic_name()
         logged = await delivery.hand_over(change.changelog_records(changelog))
-        batches = change.write_batches()
+        batches: dict[int, PreparedWrite] = {}
+        for partition in change.partitions:
+            # A partition at a time, letting timers and the web view in between.
+            await asyncio.sleep(0)
+            batches[partition] = change.write_batch(partition)
         offsets = {p: offset for (_, p), offset in (await logged.delivered()).items()}
         change.logged()
         # 3. One atomic RocksDB write per partition, with the changelog offset it reached.
@@ -379,6 +384,7 @@ class Pipeline:
                     exc,
                 )
                 raise StoreRefused(str(exc)) from exc
+            await asyncio.sleep(0)
         change.committed()
         # 4. The caller acks the input offsets: Faust commits them only now.
 
