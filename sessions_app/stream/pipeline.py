@@ -32,7 +32,7 @@ from sessions_app.core.capacity import Candidate, choose_evictions
 from sessions_app.core.progress import PartitionProgress
 from sessions_app.core.session_state import SessionState
 from sessions_app.core.totals import PipelineTotals
-from sessions_app.engine.store import PreparedWrite, SessionStore, prepare_write
+from sessions_app.engine.store import PartitionStore, PreparedWrite, SessionStore, prepare_write
 from sessions_app.settings import Settings
 from sessions_app.stream.delivery import Delivery, Outgoing, Sends
 from sessions_app.stream.monitoring import CapacityMonitor
@@ -241,8 +241,9 @@ class Pipeline:
         reject = settings.cap_policy == "reject"
         results: dict[int, BatchResult] = {}
         applied: list[int] = []
+        owners: dict[int, PartitionStore | None] = {}
         for partition, fragments in consumed.items():
-            opened = store.partition(partition)
+            opened = owners[partition] = store.partition(partition)
             if opened is None:  # revoked: the new owner reads these fragments again
                 continue
             result = apply_fragments(
@@ -262,6 +263,15 @@ class Pipeline:
             # A batch takes up to SESSIONS_BATCH_FRAGMENTS: let timers, probes and the web
             # view in between partitions (the lock keeps other changes out).
             await asyncio.sleep(0)
+        revoked = [p for p in applied if store.partition(p) is not owners[p]]
+        if revoked:
+            # Revoked (or revoked and reopened) meanwhile: the new owner reads these
+            # fragments again, and the count of live sessions is taken anew.
+            for partition in revoked:
+                del results[partition]
+                applied.remove(partition)
+            live = sum(self.live_sessions().values())
+            live += sum(result.live_delta for result in results.values())
         if live > settings.max_sessions and not reject:
             self._evict(results, live - settings.max_sessions)
 
@@ -384,7 +394,6 @@ class Pipeline:
                     exc,
                 )
                 raise StoreRefused(str(exc)) from exc
-            await asyncio.sleep(0)
         change.committed()
         # 4. The caller acks the input offsets: Faust commits them only now.
 
