@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import random
 import re
@@ -160,10 +161,11 @@ class Deployment:
         )
 
     def wait_applied(self, worker: Worker, sent: list[Item], timeout: float = 60.0) -> None:
-        """Wait until `worker` has applied every input offset of `sent`, all this test sent.
+        """Wait until `worker` has applied up to the last input offset of `sent` in each partition.
 
-        Exact where a count of fragments is not: replays of uncommitted fragments after a
-        restart count too.
+        `sent` is all this test sent. Exact where a count of fragments is not (replays of
+        uncommitted fragments after a restart count too); a gap below it is for the
+        test's byte-for-byte check to find.
         """
         last = {str(p): offset for p, offset in last_offsets(sent, self.partitions).items()}
         worker.wait_until(
@@ -193,7 +195,11 @@ def deployment(
     broker: EmbeddedBroker, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Deployment]:
     """Fresh topics and app id for one test; workers are stopped afterwards."""
-    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:60]
+    # Short enough for topic names, unique per test and parameter (the hash tells apart
+    # names that share their first 50 characters).
+    name = request.node.name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:50] + "-" + digest
     env = {
         **harness.EMBEDDED_BROKER_ENV,
         "SESSIONS_BROKER_URL": broker.url,
