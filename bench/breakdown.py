@@ -53,13 +53,16 @@ FRAMES = {
     ("apply_fragments", "core/batch.py"): "reassembly",
     ("cut_records", "core/reassembly.py"): "reassembly",
     ("changelog_records", "stream/pipeline.py"): "produce changelog",
-    ("write_batches", "stream/pipeline.py"): "RocksDB write",
+    ("write_batch", "stream/pipeline.py"): "RocksDB write",
     ("prepare_write", "engine/store.py"): "RocksDB write",
     ("commit", "engine/store.py"): "RocksDB write",
     ("ack_records", "engine/intake.py"): "Faust bookkeeping",
     ("_drain_messages", "engine/intake.py"): "consume and parse",
     ("to_fragment", "engine/intake.py"): "consume and parse",
 }
+
+#: Where Faust's offset commit is: bookkeeping wherever it is called from.
+FAUST_COMMIT = "faust/transport/consumer.py"
 
 #: Parts of a file path that put a frame in a step, when no function rule matched.
 FILES = {
@@ -78,11 +81,25 @@ def parse_frame(frame: str) -> tuple[str, str]:
 
 
 def step_of(stack: list[str]) -> str:
-    """Return the step a collapsed stack (outermost frame first) belongs to."""
+    """Return the step a collapsed stack (outermost frame first) belongs to.
+
+    The innermost frame of sessions-app's own code decides; library frames under it
+    (aiokafka's record appends under Delivery.hand_over) count for it. Faust's offset
+    commits count as bookkeeping wherever they are called from. Stacks without a
+    frame of sessions-app's code go by the library file of their innermost frame.
+    """
     frames = [parse_frame(frame) for frame in stack]
-    names = {(name, path.rsplit("sessions_app/", 1)[-1]) for name, path in frames}
-    for name, path in reversed(frames):
-        short = path.rsplit("sessions_app/", 1)[-1]
+    if any(
+        name == "commit" and path.endswith("faust/transport/consumer.py") for name, path in frames
+    ):
+        return "Faust bookkeeping"
+    ours = [
+        (name, path.rsplit("sessions_app/", 1)[-1])
+        for name, path in frames
+        if "sessions_app/" in path
+    ]
+    names = set(ours)
+    for name, short in reversed(ours):
         if name == "hand_over" and short == "stream/delivery.py":
             # One method hands both over: Delivery.send calls it for outputs.
             outputs = ("send", "stream/delivery.py") in names
@@ -92,6 +109,7 @@ def step_of(stack: list[str]) -> str:
         step = FRAMES.get((name, short))
         if step is not None:
             return step
+    for _, path in reversed(frames):
         for part, file_step in FILES.items():
             if part in path:
                 return file_step

@@ -248,21 +248,30 @@ def rate_hold(broker: EmbeddedBroker, workdir: Path, total: int, step: int) -> N
     worst = 0.0
     rate = 0.0
     try:
+        deadline = time.monotonic() + 7200
         for end in range(step, total + 1, step):
             while not samples or samples[-1][1] < end:
-                try:
+                if (
+                    time.monotonic() > deadline
+                    or app.process is None
+                    or app.process.poll() is not None
+                ):
+                    raise RuntimeError(f"the worker stopped short of {end:,}:\n{app.log()[-2000:]}")
+                with contextlib.suppress(OSError):  # a stall past the timeout: the probe tells
                     stats = json.loads(app.get("/sessions/", timeout=60))
-                except OSError:
-                    continue  # the loop stalled past the timeout: the stall probe tells how long
-                loop = stats["event_loop"]
-                applied = stats["totals"]["fragments_consumed"]
-                samples.append((time.monotonic(), applied, loop["max_stall_ms_last_10s"]))
+                    applied = stats["totals"]["fragments_consumed"]
+                    stall = stats["event_loop"]["max_stall_ms_last_10s"]
+                    samples.append((time.monotonic(), applied, stall))
                 time.sleep(0.25)
-            began = crossing(samples, end - step)
-            ended = crossing(samples, end)
-            rate = step / (ended - began)
+            # The first sample may come after the first fragments: count from there.
+            start = max(end - step, samples[0][1])
+            began, ended = crossing(samples, start), crossing(samples, end)
+            if ended <= began:
+                continue  # too few samples in the step to time it
+            rate = (end - start) / (ended - began)
             first_rate = first_rate or rate
-            stall = max(s for at, _, s in samples if began <= at <= ended + 0.25)
+            # The probe's window is the last 10 s: what it saw up to the step's end.
+            stall = max((s for at, _, s in samples if began <= at <= ended), default=0.0)
             worst = max(worst, stall)
             print(
                 f"{end:>12,} {rate:>12,.0f} {rate / first_rate:>8.2f}x {stall:>11.1f} ms "

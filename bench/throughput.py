@@ -1,9 +1,11 @@
 """Throughput benchmark: sessions-app side by side with the raw client and its peers.
 
-One embedded broker, one pre-produced input (by default 50k sessions of 10
-records of 40-160 bytes, each record cut into 1-3 fragments: about 1M
-fragments, sessions interleaved), read in turn by each contender as a
-process (or two) with its own consumer group and output topic:
+One input (by default 50k sessions of 10 records of 40-160 bytes, each
+record cut into 1-3 fragments: about 1.1M fragments, sessions interleaved),
+read in turn by each contender as a process (or two) with its own consumer
+group and output topic, each on a fresh embedded broker loaded with the
+input first (the broker keeps every record in memory and slows as it
+holds more: on a shared one, a contender paid for those that ran before it):
 
   raw          aiokafka consume and produce, each fragment unchanged (the limit)
   dict         the dict design: aiokafka, buffers in a dict (bench/dict_design.py)
@@ -32,7 +34,7 @@ spread ((max - min) / median) of each contender, and the per-round ratios
 are printed: on a shared machine one run's figures move.
 
 With --profile DIR, each sessions-app worker runs under py-spy (a bench
-extra), which writes DIR/<contender>-r<round>.txt: collapsed stacks per
+extra), which writes DIR/<contender>-r<round>-w<worker>.txt: collapsed stacks per
 thread, for `python -m bench.breakdown` or a flamegraph tool; the CPU time
 of each of the worker's threads is printed. Figures of a profiled run carry
 py-spy's overhead.
@@ -166,14 +168,9 @@ def child_pid(pid: int) -> int:
 
 class Bench:
     def __init__(
-        self,
-        broker: EmbeddedBroker,
-        workdir: Path,
-        sessions: int,
-        records: int,
-        profile: Path | None = None,
+        self, workdir: Path, sessions: int, records: int, profile: Path | None = None
     ) -> None:
-        self.broker, self.workdir, self.profile = broker, workdir, profile
+        self.workdir, self.profile = workdir, profile
         generated = generate("t", sessions, records, DELIMITER, seed=6)
         self.items = list(interleave(generated, seed=6))
         self.expected = {s.key: s.records for s in generated}
@@ -182,11 +179,27 @@ class Bench:
         self.by_key_fragments: dict[bytes, list[bytes]] = defaultdict(list)
         for key, fragment in self.items:
             self.by_key_fragments[key].append(fragment)
-        create_topics_sync(broker.bootstrap, ["tp-in"], PARTITIONS)
-        items = ((key, fragment, None) for key, fragment in self.items)
-        asyncio.run(send(broker.bootstrap, "tp-in", items))
+        self.broker: EmbeddedBroker | None = None
+
+    def run(self, name: str, round_: int = 1) -> Result:
+        """Run a contender on a broker of its own, with the input loaded first.
+
+        The embedded broker slows as it holds more (it keeps every record in
+        memory), and contenders that write more (changelogs) leave more behind:
+        a shared broker would make every contender pay for the ones before it.
+        """
+        with EmbeddedBroker() as broker:
+            self.broker = broker
+            create_topics_sync(broker.bootstrap, ["tp-in"], PARTITIONS)
+            items = ((key, fragment, None) for key, fragment in self.items)
+            asyncio.run(send(broker.bootstrap, "tp-in", items))
+            try:
+                return self._run(name, round_)
+            finally:
+                self.broker = None
 
     def command(self, name: str, sink: str) -> tuple[list[str], dict[str, str]]:
+        assert self.broker is not None
         py, bootstrap, state = sys.executable, self.broker.bootstrap, self.workdir / sink
         group = f"bench-{sink}"
         if name == "raw":
@@ -239,7 +252,8 @@ class Bench:
             return [py, "-m", "sessions_app", "worker", "-l", "warn"], env
         raise ValueError(name)
 
-    def run(self, name: str, round_: int = 1) -> Result:
+    def _run(self, name: str, round_: int) -> Result:
+        assert self.broker is not None
         sink = f"tp-out-{name}-r{round_}"
         create_topics_sync(
             self.broker.bootstrap,
@@ -317,7 +331,11 @@ class Bench:
         verdict = (
             "ok" if not wrong and not extra else f"{wrong} sessions differ, {len(extra)} unknown"
         )
-        return Result(name, commit_rate(samples), cpu / self.fragments * 100_000, output, verdict)
+        try:
+            rate = commit_rate(samples)
+        except ValueError as exc:
+            return Result(name, 0.0, cpu / self.fragments * 100_000, output, f"FAILED: {exc}")
+        return Result(name, rate, cpu / self.fragments * 100_000, output, verdict)
 
 
 def main() -> None:
@@ -335,25 +353,24 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     results: list[Result] = []
     try:
-        with EmbeddedBroker() as broker:
-            if args.profile:
-                args.profile.mkdir(parents=True, exist_ok=True)
-            bench = Bench(broker, workdir, args.sessions, args.records, args.profile)
-            print(
-                f"input: {bench.fragments:,} fragments, {bench.records:,} records, "
-                f"{args.sessions:,} sessions, {PARTITIONS} partitions; {os.cpu_count()} CPUs",
-                flush=True,
-            )
-            for round_ in range(1, args.rounds + 1):
-                for name in names:
-                    result = bench.run(name, round_)
-                    results.append(result)
-                    print(
-                        f"{name:<17}{result.fragments_per_s:>10,.0f} fragments/s"
-                        f"{result.cpu_per_100k:>8.1f} CPU s/100k  {result.output:>9,} out  "
-                        f"{result.verdict}",
-                        flush=True,
-                    )
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        bench = Bench(workdir, args.sessions, args.records, args.profile)
+        print(
+            f"input: {bench.fragments:,} fragments, {bench.records:,} records, "
+            f"{args.sessions:,} sessions, {PARTITIONS} partitions; {os.cpu_count()} CPUs",
+            flush=True,
+        )
+        for round_ in range(1, args.rounds + 1):
+            for name in names:
+                result = bench.run(name, round_)
+                results.append(result)
+                print(
+                    f"{name:<17}{result.fragments_per_s:>10,.0f} fragments/s"
+                    f"{result.cpu_per_100k:>8.1f} CPU s/100k  {result.output:>9,} out  "
+                    f"{result.verdict}",
+                    flush=True,
+                )
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
@@ -377,7 +394,7 @@ def main() -> None:
     if {"sessions-app-2w", "sessions-app"} <= set(runs):
         pairs.append(("sessions-app-2w", "sessions-app"))
     for mine, other in pairs:
-        # Per round: the two ran minutes apart on the same broker.
+        # Per round: the two ran minutes apart on the same machine.
         ratios = [
             a.fragments_per_s / b.fragments_per_s
             for a, b in zip(runs[mine], runs[other], strict=True)

@@ -44,7 +44,7 @@ from sessions_app.core.session_state import (
 
 #: A quarter of the budget for memtables, charged to the block cache.
 WRITE_BUFFER_SHARE = 4
-#: Bloom filter bits per key: about 1% false positives (Faust's default of 3 gives ~15%).
+#: Bloom filter bits per key: about 1% false positives (Faust's default of 3 gives ~24%).
 BLOOM_BITS_PER_KEY = 10
 
 
@@ -96,7 +96,7 @@ class BudgetedOptions(RocksDBOptions):
         table.set_cache_index_and_filter_blocks(True)
         table.set_pin_l0_filter_and_index_blocks_in_cache(True)
         # Most point reads are of sessions not stored yet (every fragment that opens one):
-        # at Faust's 3 bits per key a fifth of them reach a data block; at 10, 1 in 100.
+        # at Faust's 3 bits per key a quarter of them reach a data block; at 10, 1 in 100.
         table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
         # Index and filter cut into 4 KiB partitions behind a small pinned top level: a
         # cache miss reads one partition, not the whole filter and index of a large file.
