@@ -77,7 +77,8 @@ FILES = {
 def parse_frame(frame: str) -> tuple[str, str]:
     """Return (function, file) of a py-spy frame `function (file:line)`."""
     name, _, where = frame.partition(" (")
-    return name.strip(), where.rsplit(":", 1)[0]
+    # py-spy qualifies names: `SessionState.decode`, `PartitionStore.loader.<locals>.load`.
+    return name.strip().rsplit(".", 1)[-1], where.rsplit(":", 1)[0]
 
 
 def step_of(stack: list[str]) -> str:
