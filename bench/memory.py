@@ -59,19 +59,33 @@ def wait_dict(path: Path, at_least: int, timeout: float = 3600) -> None:
         time.sleep(0.5)
 
 
+#: Each phase's topics: SESSIONS_<ROLE>_TOPIC is "<prefix>-<suffix>".
+TOPIC_SUFFIXES = {
+    "INPUT": "in",
+    "OUTPUT": "out",
+    "EXPIRED": "expired",
+    "DLQ": "dlq",
+    "ALERTS": "alerts",
+}
+
+
+def app_settings(broker: EmbeddedBroker, prefix: str, app_id: str) -> dict[str, str]:
+    """Create a phase's topics, named after `prefix`; return its worker's settings for them."""
+    topics = {role: f"{prefix}-{suffix}" for role, suffix in TOPIC_SUFFIXES.items()}
+    create_topics_sync(broker.bootstrap, list(topics.values()), PARTITIONS)
+    return {
+        "SESSIONS_APP_ID": app_id,
+        **{f"SESSIONS_{role}_TOPIC": topic for role, topic in topics.items()},
+        "SESSIONS_PARTITIONS": str(PARTITIONS),
+    }
+
+
 def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
-    topics = ["mem-in", "mem-out", "mem-expired", "mem-dlq", "mem-alerts", "mem-dict-out"]
-    create_topics_sync(broker.bootstrap, topics, PARTITIONS)
+    create_topics_sync(broker.bootstrap, ["mem-dict-out"], PARTITIONS)
     app = bench_worker(
         broker,
         workdir,
-        SESSIONS_APP_ID="bench-memory",
-        SESSIONS_INPUT_TOPIC="mem-in",
-        SESSIONS_OUTPUT_TOPIC="mem-out",
-        SESSIONS_EXPIRED_TOPIC="mem-expired",
-        SESSIONS_DLQ_TOPIC="mem-dlq",
-        SESSIONS_ALERTS_TOPIC="mem-alerts",
-        SESSIONS_PARTITIONS=str(PARTITIONS),
+        **app_settings(broker, "mem", "bench-memory"),
         SESSIONS_MAX_SESSIONS=str(10 * max(steps)),
         SESSIONS_IDLE_TIMEOUT=str(7 * 86400),
     ).start()
@@ -167,16 +181,8 @@ def census_cost(app: WorkerProcess) -> None:
 
 
 def expiry_stall(broker: EmbeddedBroker, workdir: Path, sessions: int, idle: float) -> None:
-    topics = ["exp-in", "exp-out", "exp-expired", "exp-dlq", "exp-alerts"]
-    create_topics_sync(broker.bootstrap, topics, PARTITIONS)
     env = {
-        "SESSIONS_APP_ID": "bench-expiry",
-        "SESSIONS_INPUT_TOPIC": "exp-in",
-        "SESSIONS_OUTPUT_TOPIC": "exp-out",
-        "SESSIONS_EXPIRED_TOPIC": "exp-expired",
-        "SESSIONS_DLQ_TOPIC": "exp-dlq",
-        "SESSIONS_ALERTS_TOPIC": "exp-alerts",
-        "SESSIONS_PARTITIONS": str(PARTITIONS),
+        **app_settings(broker, "exp", "bench-expiry"),
         "SESSIONS_IDLE_TIMEOUT": str(idle),
         # The embedded broker under-reports end offsets of batched writes; this run restarts.
         "SESSIONS_PRODUCER_MAX_BATCH_SIZE": "1",
@@ -223,8 +229,7 @@ def expiry_stall(broker: EmbeddedBroker, workdir: Path, sessions: int, idle: flo
 
 def rate_hold(broker: EmbeddedBroker, workdir: Path, total: int, step: int) -> None:
     """One worker takes `total` new sessions from a backlog; print its rate per `step`."""
-    topics = ["hold-in", "hold-out", "hold-expired", "hold-dlq", "hold-alerts"]
-    create_topics_sync(broker.bootstrap, topics, PARTITIONS)
+    settings = app_settings(broker, "hold", "bench-hold")
     # A step more than is measured: the worker never runs out of input in the last step.
     sessions = remnant_sessions("h", 0, total + step, REMNANT)
     seconds = asyncio.run(send_remnants(broker.bootstrap, "hold-in", sessions, b"\n"))
@@ -232,13 +237,7 @@ def rate_hold(broker: EmbeddedBroker, workdir: Path, total: int, step: int) -> N
     app = bench_worker(
         broker,
         workdir,
-        SESSIONS_APP_ID="bench-hold",
-        SESSIONS_INPUT_TOPIC="hold-in",
-        SESSIONS_OUTPUT_TOPIC="hold-out",
-        SESSIONS_EXPIRED_TOPIC="hold-expired",
-        SESSIONS_DLQ_TOPIC="hold-dlq",
-        SESSIONS_ALERTS_TOPIC="hold-alerts",
-        SESSIONS_PARTITIONS=str(PARTITIONS),
+        **settings,
         SESSIONS_MAX_SESSIONS=str(total),
         SESSIONS_IDLE_TIMEOUT=str(86400),
     ).start()
