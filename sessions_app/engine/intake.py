@@ -16,7 +16,9 @@ everything Faust does for correctness and does it once per fetch:
 - the read offset per partition drops records already handed over, and offset
   gaps (compaction, transaction markers) are recorded so commits can pass them;
 - acks go into Faust's own bookkeeping (`_acked`, `_acked_index`, `_n_acked`),
-  so Faust's commit timer and `broker_commit_every` commit exactly as before.
+  so Faust's commit timer commits them as before, every
+  `broker_commit_interval`; the count trigger (`broker_commit_every`) is left
+  out, because it would commit after every batch in the loop that fetches.
 
 The consumer thread parses the input topic's fetched batches straight into
 `Fragment` tuples: aiokafka's `ConsumerRecord` (an eleven-field dataclass
@@ -34,7 +36,7 @@ Faust's per-record path.
 Private names used, checked against faust-streaming 0.15.3 and aiokafka 0.14.0:
 Faust's `_drain_messages`, `_wait_next_records`, `_read_offset`, `_add_gap`,
 `_buffered_partitions`, `_committed_offset`, `_acked`, `_acked_index`,
-`_n_acked`, `_commit_every`, `_fetch_records`, `_new_consumer_thread`; aiokafka's
+`_n_acked`, `_fetch_records`, `_new_consumer_thread`; aiokafka's
 `Fetcher._records`, `PartitionRecords._consumer_record` and the meaning of an
 empty collection in `Fetcher.fetched_records(partitions)`.
 """
@@ -111,6 +113,47 @@ class Fetchable:
         return tp in self._live
 
 
+#: What the intake queue holds per fetch: the consumer generation it came in, its fragments.
+Fetch = tuple[int, ByPartition]
+
+
+def fragments_in(fetched: ByPartition) -> int:
+    """Return how many fragments a fetch holds."""
+    return sum(len(fragments) for fragments in fetched.values())
+
+
+class Batches:
+    """Takes the intake queue's fetches as batches of at most `most` fragments.
+
+    A batch is what has been fetched when the previous one is done: the first fetch
+    (waited for if none is there), and those queued behind it while they fit. A fetch
+    that would take the batch past the bound starts the next one.
+    """
+
+    def __init__(self, intake: asyncio.Queue[Fetch], most: int) -> None:
+        self._intake = intake
+        self._most = most
+        self._carried: Fetch | None = None
+
+    async def next(self) -> list[Fetch]:
+        """Return the fetches of the next batch, in the order they were fetched."""
+        intake = self._intake
+        first = self._carried if self._carried is not None else await intake.get()
+        self._carried = None
+        fetches, size = [first], fragments_in(first[1])
+        # The fetch that waited for room behind the one just taken goes in on the next turn
+        # of the loop: without this turn the queue looks empty and batches hold one fetch.
+        await asyncio.sleep(0)
+        while not intake.empty():
+            fetch = intake.get_nowait()
+            if size + fragments_in(fetch[1]) > self._most:
+                self._carried = fetch
+                break
+            fetches.append(fetch)
+            size += fragments_in(fetch[1])
+        return fetches
+
+
 class IntakeConsumerThread(AIOKafkaConsumerThread):
     """Faust's consumer thread, fetching the intake topic as Fragments."""
 
@@ -152,13 +195,13 @@ class IntakeConsumer(Consumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._intake: asyncio.Queue[tuple[int, ByPartition]] | None = None
+        self._intake: asyncio.Queue[Fetch] | None = None
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return IntakeConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     @property
-    def intake(self) -> asyncio.Queue[tuple[int, ByPartition]]:
+    def intake(self) -> asyncio.Queue[Fetch]:
         """(generation, fragments per partition) per fetch."""
         if self._intake is None:
             self._intake = asyncio.Queue(maxsize=self.intake_depth)
@@ -212,10 +255,10 @@ class IntakeConsumer(Consumer):
                 if batch:
                     # A rebalance stops the flow: drop the fetch as Faust would; recovery seeks.
                     await self.wait_first(intake.put((generation, batch)), self.suspend_flow.wait())
-                commit_every = self._commit_every
-                if commit_every is not None and self._n_acked >= commit_every:
-                    self._n_acked = 0
-                    await self.commit()
+                # No commit here on `broker_commit_every` acks, as Faust's loop does: a batch
+                # acks 20,000, so that would commit after every batch, in this loop, and the
+                # next fetch would wait for the broker's answer. Faust's commit timer commits
+                # every `broker_commit_interval` (2.8 s) instead.
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 return

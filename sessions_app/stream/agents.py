@@ -14,7 +14,7 @@ from typing import Any
 
 from sessions_app.app import app
 from sessions_app.core.batch import ByPartition
-from sessions_app.engine.intake import IntakeConsumer
+from sessions_app.engine.intake import Batches, IntakeConsumer
 from sessions_app.stream.pipeline import StoreRefused
 
 logger = logging.getLogger(__name__)
@@ -28,27 +28,15 @@ async def reassemble_sessions(stream: Any) -> None:
     # Subscribes the input topic; its records arrive through the consumer's intake.
     stream.channel.__aiter__()
     consumer: IntakeConsumer = app.consumer  # type: ignore[assignment]
-    intake = consumer.intake
     flow_control = app.flow_control
     pipeline, expiry = app.pipeline, app.idle_expiry
     source = app.settings.input_topic
-    # A batch is what has been fetched when the previous one is done, at most
-    # SESSIONS_BATCH_FRAGMENTS: larger batches cost less CPU per fragment, and the Python
-    # heap keeps the high-water mark of what a batch builds (README, "Bounded memory").
-    most = app.settings.batch_fragments
-    # A fetch that would take the batch past the bound starts the next one instead.
-    carried: tuple[int, ByPartition] | None = None
+    # Batches of at most SESSIONS_BATCH_FRAGMENTS: larger batches cost less CPU per
+    # fragment, and the Python heap keeps the high-water mark of what a batch builds
+    # (README, "Bounded memory").
+    batches = Batches(consumer.intake, app.settings.batch_fragments)
     while True:
-        fetches = [carried if carried is not None else await intake.get()]
-        carried = None
-        size = _size(fetches[0][1])
-        while not intake.empty():
-            fetch = intake.get_nowait()
-            if size + _size(fetch[1]) > most:
-                carried = fetch
-                break
-            fetches.append(fetch)
-            size += _size(fetch[1])
+        fetches = await batches.next()
         # Rebalancing: wait; drop fetches from before it (recovery seeks, they come again)
         # and what belongs to partitions no longer ours.
         await flow_control.acquire()
@@ -83,7 +71,3 @@ async def reassemble_sessions(stream: Any) -> None:
             # an ack now would count offsets of partitions that moved or came back.
             if consumer.is_current(now):
                 consumer.ack_records(batch)
-
-
-def _size(fetched: ByPartition) -> int:
-    return sum(len(fragments) for fragments in fetched.values())

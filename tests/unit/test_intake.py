@@ -15,6 +15,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, Fetcher, FetchResult, PartitionRecords
 from aiokafka.consumer.subscription_state import SubscriptionState
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -22,7 +23,7 @@ from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
 
 from sessions_app.core.batch import Fragment
-from sessions_app.engine.intake import Fetchable, _FragmentRecords
+from sessions_app.engine.intake import Batches, Fetch, Fetchable, _FragmentRecords
 
 Record = tuple[bytes | None, bytes | None]
 
@@ -151,3 +152,43 @@ def test_no_record_is_handed_over_while_no_partition_is_active() -> None:
         assert position.position == 143
 
     asyncio.run(scenario())
+
+
+def _fetch(partition: int, first: int, count: int) -> Fetch:
+    return 1, {partition: [Fragment("in", partition, first + i, b"s", b"x") for i in range(count)]}
+
+
+@pytest.mark.parametrize(("most", "expected"), [(25, [[0, 1], [2, 3], [4]]), (15, [[0], [1], [2]])])
+def test_a_batch_takes_the_fetch_that_waited_for_room_in_the_queue(
+    most: int, expected: list[list[int]]
+) -> None:
+    """The consumer's loop blocks on a full queue; the fetch it holds joins the next batch.
+
+    With one fetch of room, as a worker with SESSIONS_BATCH_FRAGMENTS twice the fetch
+    size has, each batch holds two fetches of 10, not the one the queue held. Under a
+    bound of 15 a fetch that does not fit starts the next batch instead. In order.
+    """
+
+    async def scenario() -> list[list[list[int]]]:
+        intake: asyncio.Queue[Fetch] = asyncio.Queue(maxsize=1)
+
+        async def consumer_loop() -> None:
+            for n in range(5):
+                await intake.put(_fetch(n % 2, 10 * n, 10))
+
+        feeding = asyncio.create_task(consumer_loop())
+        await asyncio.sleep(0)  # the loop fills the queue and blocks on its second fetch
+        batches, got = Batches(intake, most), []
+        for _ in range(3):
+            fetches = await batches.next()
+            got.append(
+                [[f.offset for fs in fetched.values() for f in fs] for _, fetched in fetches]
+            )
+        feeding.cancel()
+        return got
+
+    got = asyncio.run(scenario())
+    offsets = [
+        [[10 * n + i for i in range(10)] for n in fetch_numbers] for fetch_numbers in expected
+    ]
+    assert got == offsets
