@@ -9,7 +9,7 @@ frame of its stack that names a step of the worker's work:
 
   consume and parse    aiokafka's fetcher and the intake (the consumer thread)
   state read, decode   RocksDB point reads of buffers and chunks, SessionState.decode
-  reassembly           apply_fragments, cut_records: the pure core
+  reassembly           PartitionBatch.apply, cut_records: the pure core
   encode               SessionState.encode, the change set's preparation
   produce outputs      records into the producer's batches (Delivery.send)
   produce changelog    changelog records into the producer's batches
@@ -50,7 +50,7 @@ FRAMES = {
     ("live_count", "engine/store.py"): "state read, decode",
     ("encode", "core/session_state.py"): "encode",
     ("prepare", "stream/pipeline.py"): "encode",
-    ("apply_fragments", "core/batch.py"): "reassembly",
+    ("apply", "core/batch.py"): "reassembly",
     ("cut_records", "core/reassembly.py"): "reassembly",
     ("changelog_records", "stream/pipeline.py"): "produce changelog",
     ("write_batch", "stream/pipeline.py"): "RocksDB write",

@@ -175,10 +175,30 @@ def apply_fragments(
     load_chunks: ChunkLoader = _no_chunks,
     inline_limit: int = INLINE_LIMIT,
 ) -> BatchResult:
-    """Apply fragments in order; `load` returns a session's stored buffer or None.
+    """Apply fragments in order, all at once; see PartitionBatch for what applying does."""
+    batch = PartitionBatch(
+        load,
+        delimiter,
+        max_buffer_bytes=max_buffer_bytes,
+        may_open=may_open,
+        applied_through=applied_through,
+        load_chunks=load_chunks,
+        inline_limit=inline_limit,
+    )
+    batch.apply(fragments, now_us)
+    return batch.result
 
-    The fragment at position i of the batch is stamped as active at `now_us + i`
-    (see ActivityClock).
+
+class PartitionBatch:
+    """One partition's batch of fragments, applied in order a slice at a time.
+
+    `load` returns a session's stored buffer or None. What a slice leaves (the
+    sessions it read and changed, the live sessions it opened) the next slice
+    sees, so applying a batch in slices gives the same result as applying it
+    whole; the pipeline lets the event loop in between slices.
+
+    The fragment at position i of a slice applied at `now_us` is stamped as active
+    at `now_us + i` (see ActivityClock).
 
     Pending bytes past `inline_limit` move into chunk keys, one per fragment from
     then on, so a fragment is written once whatever the session holds, and the
@@ -197,109 +217,146 @@ def apply_fragments(
     `applied_through`, the partition's watermark, were applied before and
     are skipped; `result.applied_through` is the new watermark.
     """
-    result = BatchResult()
-    states: dict[bytes, SessionState | None] = {}
-    before = result.before
-    writes = result.writes
-    out = result.records
-    decode = SessionState.decode
-    live_delta = 0
-    applied = applied_through
 
-    for position, fragment in enumerate(fragments):
-        offset = fragment.offset
-        if offset <= applied_through:
-            # Redelivered after a crash or rebalance: applied already, whatever became
-            # of its session since.
-            result.fragments_replayed += 1
-            continue
-        if offset > applied:
-            applied = offset
-        key = fragment.key
-        if not key or len(key) > MAX_SESSION_ID_BYTES:
-            what = (
-                f"a {'null' if key is None else 'empty'} key; the key must be the session ID"
-                if not key
-                else f"a key of {len(key):,} bytes; session IDs may be at most "
-                f"{MAX_SESSION_ID_BYTES:,} bytes"
-            )
-            result.dead_letters.append(
-                DeadLetter(fragment, "validate", InvalidSessionKey.__name__, f"fragment has {what}")
-            )
-            continue
-        if key in states:
-            state = states[key]
-        else:
-            try:
-                raw = load(key)
-                state = None if raw is None else decode(raw)
-            except Exception as exc:
+    def __init__(
+        self,
+        load: Callable[[bytes], bytes | None],
+        delimiter: bytes,
+        *,
+        max_buffer_bytes: int | None = None,
+        may_open: int | None = None,
+        applied_through: int = -1,
+        load_chunks: ChunkLoader = _no_chunks,
+        inline_limit: int = INLINE_LIMIT,
+    ) -> None:
+        self.result = BatchResult(applied_through=applied_through)
+        self._load = load
+        self._delimiter = delimiter
+        self._cap = max_buffer_bytes
+        self._may_open = may_open
+        self._watermark = applied_through
+        self._load_chunks = load_chunks
+        self._inline_limit = inline_limit
+        #: Each session's state as the fragments applied so far left it (None: no session).
+        self._states: dict[bytes, SessionState | None] = {}
+        #: How many more live sessions than before the fragments applied so far leave.
+        self._live_delta = 0
+
+    def apply(self, fragments: Iterable[Fragment], now_us: int) -> None:
+        """Apply the next fragments of the batch, in order, stamped from `now_us` on."""
+        result = self.result
+        states = self._states
+        before = result.before
+        writes = result.writes
+        out = result.records
+        load, load_chunks, decode = self._load, self._load_chunks, SessionState.decode
+        delimiter, max_buffer_bytes, inline_limit = self._delimiter, self._cap, self._inline_limit
+        may_open, applied_through = self._may_open, self._watermark
+        live_delta = self._live_delta
+        applied = result.applied_through
+        for position, fragment in enumerate(fragments):
+            offset = fragment.offset
+            if offset <= applied_through:
+                # Redelivered after a crash or rebalance: applied already, whatever became
+                # of its session since.
+                result.fragments_replayed += 1
+                continue
+            if offset > applied:
+                applied = offset
+            key = fragment.key
+            if not key or len(key) > MAX_SESSION_ID_BYTES:
+                what = (
+                    f"a {'null' if key is None else 'empty'} key; the key must be the session ID"
+                    if not key
+                    else f"a key of {len(key):,} bytes; session IDs may be at most "
+                    f"{MAX_SESSION_ID_BYTES:,} bytes"
+                )
                 result.dead_letters.append(
                     DeadLetter(
-                        fragment, "state", type(exc).__name__, f"stored buffer unreadable: {exc}"
+                        fragment, "validate", InvalidSessionKey.__name__, f"fragment has {what}"
                     )
                 )
                 continue
-            states[key] = before[key] = state
-        if state is not None and offset <= state.applied_offset:
-            # Redelivered after a crash or rebalance: already in the buffer.
-            result.fragments_replayed += 1
-            continue
-        try:
-            if fragment.value is None:
-                if state is not None:
-                    pending = pending_of(key, state, result.chunks, load_chunks)
-                    result.sessions_closed += 1
-                    if pending:
-                        result.expired.append(remnant(key, pending, state.next_seq, "closed"))
-                    drop_chunks(key, state, result.chunks)
-                    states[key] = None
-                    writes[key] = None
-                    live_delta -= 1
-                continue
-            if state is None:
-                if may_open is not None and live_delta >= may_open:
-                    raise CapacityReached(
-                        "the worker holds SESSIONS_MAX_SESSIONS live sessions; "
-                        "SESSIONS_CAP_POLICY=reject refuses new ones"
-                    )
-                state = _EMPTY
-                result.sessions_opened += 1
-                live_delta += 1
-            records, pending = cut_records(state.pending, fragment.value, delimiter)
-            seq = state.next_seq
-            if (
-                state.chunks
-                or len(pending) > inline_limit
-                or (
-                    max_buffer_bytes is not None
-                    and (len(pending) > max_buffer_bytes or _longest(records) > max_buffer_bytes)
-                )
-            ):
-                new_state = _apply_large(
-                    key, state, records, pending, delimiter, max_buffer_bytes, inline_limit,
-                    result, load_chunks,
-                )._replace(applied_offset=offset, last_seen_us=now_us + position)  # fmt: skip
+            if key in states:
+                state = states[key]
             else:
-                # The common case: a small session, records under the cap.
-                for record in records:
-                    out.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
-                    seq += 1
-                # One microsecond per position keeps the sessions of a batch in arrival order.
-                new_state = SessionState(offset, seq, now_us + position, pending)
-        except CapacityReached as exc:
-            result.dead_letters.append(
-                DeadLetter(fragment, "capacity", type(exc).__name__, str(exc))
-            )
-            continue
-        except Exception as exc:
-            result.dead_letters.append(
-                DeadLetter(fragment, "reassemble", type(exc).__name__, str(exc))
-            )
-            continue
-        states[key] = writes[key] = new_state
-    result.applied_through = applied
-    return result
+                try:
+                    raw = load(key)
+                    state = None if raw is None else decode(raw)
+                except Exception as exc:
+                    result.dead_letters.append(
+                        DeadLetter(
+                            fragment,
+                            "state",
+                            type(exc).__name__,
+                            f"stored buffer unreadable: {exc}",
+                        )
+                    )
+                    continue
+                states[key] = before[key] = state
+            if state is not None and offset <= state.applied_offset:
+                # Redelivered after a crash or rebalance: already in the buffer.
+                result.fragments_replayed += 1
+                continue
+            try:
+                if fragment.value is None:
+                    if state is not None:
+                        pending = pending_of(key, state, result.chunks, load_chunks)
+                        result.sessions_closed += 1
+                        if pending:
+                            result.expired.append(remnant(key, pending, state.next_seq, "closed"))
+                        drop_chunks(key, state, result.chunks)
+                        states[key] = None
+                        writes[key] = None
+                        live_delta -= 1
+                    continue
+                if state is None:
+                    if may_open is not None and live_delta >= may_open:
+                        raise CapacityReached(
+                            "the worker holds SESSIONS_MAX_SESSIONS live sessions; "
+                            "SESSIONS_CAP_POLICY=reject refuses new ones"
+                        )
+                    state = _EMPTY
+                    result.sessions_opened += 1
+                    live_delta += 1
+                records, pending = cut_records(state.pending, fragment.value, delimiter)
+                seq = state.next_seq
+                if (
+                    state.chunks
+                    or len(pending) > inline_limit
+                    or (
+                        max_buffer_bytes is not None
+                        # Records and tail are cut from these bytes: under the cap, so are they.
+                        and len(state.pending) + len(fragment.value) > max_buffer_bytes
+                        and (
+                            len(pending) > max_buffer_bytes or _longest(records) > max_buffer_bytes
+                        )
+                    )
+                ):
+                    new_state = _apply_large(
+                        key, state, records, pending, delimiter, max_buffer_bytes, inline_limit,
+                        result, load_chunks,
+                    )._replace(applied_offset=offset, last_seen_us=now_us + position)  # fmt: skip
+                else:
+                    # The common case: a small session, records under the cap.
+                    for record in records:
+                        out.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
+                        seq += 1
+                    # One microsecond per position keeps the sessions of a batch in arrival order.
+                    new_state = SessionState(offset, seq, now_us + position, pending)
+            except CapacityReached as exc:
+                result.dead_letters.append(
+                    DeadLetter(fragment, "capacity", type(exc).__name__, str(exc))
+                )
+                continue
+            except Exception as exc:
+                result.dead_letters.append(
+                    DeadLetter(fragment, "reassemble", type(exc).__name__, str(exc))
+                )
+                continue
+            states[key] = writes[key] = new_state
+        result.applied_through = applied
+        self._live_delta = live_delta
 
 
 def _longest(records: list[bytes]) -> int:

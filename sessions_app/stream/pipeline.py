@@ -23,7 +23,7 @@ from sessions_app.core.batch import (
     ByPartition,
     DeadLetter,
     OutRecord,
-    apply_fragments,
+    PartitionBatch,
     drop_chunks,
     pending_of,
     remnant,
@@ -39,6 +39,9 @@ from sessions_app.stream.monitoring import CapacityMonitor
 from sessions_app.stream.topics import SessionTopics
 
 logger = logging.getLogger(__name__)
+
+#: Fragments of a partition applied between two turns of the event loop: about 10-30 ms.
+SLICE_FRAGMENTS = 2_000
 
 
 def _no_store(session_id: bytes, indices: list[int]) -> list[bytes]:
@@ -246,23 +249,25 @@ class Pipeline:
             opened = owners[partition] = store.partition(partition)
             if opened is None:  # revoked: the new owner reads these fragments again
                 continue
-            result = apply_fragments(
-                fragments,
+            batch = PartitionBatch(
                 opened.loader(),
                 settings.delimiter,
-                now_us,
                 max_buffer_bytes=settings.max_buffer_bytes,
                 may_open=max(settings.max_sessions - live, 0) if reject else None,
                 applied_through=opened.watermark(),
                 load_chunks=opened.chunk_loader(),
             )
-            now_us += len(fragments)
-            results[partition] = result
-            applied.append(partition)
-            live += result.live_delta
             # A batch takes up to SESSIONS_BATCH_FRAGMENTS: let timers, probes and the web
-            # view in between partitions (the lock keeps other changes out).
-            await asyncio.sleep(0)
+            # view in between slices (the lock keeps other changes out).
+            for start in range(0, len(fragments), SLICE_FRAGMENTS):
+                batch.apply(fragments[start : start + SLICE_FRAGMENTS], now_us + start)
+                await asyncio.sleep(0)
+                if store.partition(partition) is not opened:
+                    break  # revoked meanwhile: dropped below
+            now_us += len(fragments)
+            results[partition] = batch.result
+            applied.append(partition)
+            live += batch.result.live_delta
         revoked = [p for p in applied if store.partition(p) is not owners[p]]
         if revoked:
             # Revoked (or revoked and reopened) meanwhile: the new owner reads these
@@ -356,6 +361,11 @@ class Pipeline:
         """
         if self.store_failure is not None:
             raise StoreRefused(self.store_failure.cause)
+        store = self.store
+        # The instances the change was made against: a partition revoked before its write,
+        # or revoked and reopened (recovered from the changelog, this change included), is
+        # left to the changelog.
+        owners = {partition: store.partition(partition) for partition in change.partitions}
         delivery = self.delivery
         # 1. Outputs, remnants and dead letters handed over; states encoded meanwhile; acked.
         outputs = await delivery.send(change.outputs, change.dead_letters)
@@ -375,11 +385,9 @@ class Pipeline:
         change.logged()
         # 3. One atomic RocksDB write per partition, with the changelog offset it reached.
         #    Partitions that lose sessions first, so the cap holds even between two writes.
-        store = self.store
         for partition in sorted(offsets, key=lambda p: batches[p].delta):
             opened = store.partition(partition)
-            if opened is None:
-                # Revoked meanwhile: the changelog has the change for whoever recovers it.
+            if opened is None or opened is not owners[partition]:
                 logger.info(
                     "Partition %d revoked before its write; left to the changelog", partition
                 )
@@ -394,6 +402,8 @@ class Pipeline:
                     exc,
                 )
                 raise StoreRefused(str(exc)) from exc
+            # A partition at a time, letting timers and the web view in between.
+            await asyncio.sleep(0)
         change.committed()
         # 4. The caller acks the input offsets: Faust commits them only now.
 

@@ -14,6 +14,7 @@ from sessions_app.core.batch import (
     BatchResult,
     Fragment,
     OutRecord,
+    PartitionBatch,
     apply_fragments,
     pending_of,
 )
@@ -432,6 +433,66 @@ def test_redelivered_offsets_are_applied_once_and_emit_nothing_new(
         position = end - back % (end + 1)
     batches.append(fragments[position:])
     assert run(batches, delimiter, cap, inline) == run([fragments], delimiter, cap, inline)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    traffic(),
+    caps,
+    st.lists(st.integers(min_value=0), max_size=6),
+    inlines,
+    st.none() | st.integers(0, 3),
+    st.lists(st.integers(min_value=0), max_size=3),
+    st.integers(min_value=0),
+)
+def test_a_batch_applied_in_slices_gives_what_it_gives_whole(
+    case: tuple[bytes, dict[bytes, bytes], list[Fragment]],
+    cap: int | None,
+    cuts: list[int],
+    inline: int,
+    may_open: int | None,
+    closes: list[int],
+    stored_up_to: int,
+) -> None:
+    """The pipeline yields between slices of a partition's batch: slicing changes nothing.
+
+    Sessions stored by an earlier batch, replays below its watermark, tombstones and the
+    count of sessions that may still open all carry from one slice to the next.
+    """
+    delimiter, _, traffic_fragments = case
+    values = [(f.key, f.value) for f in traffic_fragments]
+    for close in closes:
+        values.insert(close % (len(values) + 1), (SESSION_IDS[close % 3], None))
+    fragments = [frag(offset, key, value) for offset, (key, value) in enumerate(values)]
+    buffers = Buffers()
+    earlier = fragments[: stored_up_to % (len(fragments) + 1)]
+    buffers.store(
+        apply_fragments(
+            earlier, buffers.get, delimiter, 0, cap, None, -1, buffers.load_chunks, inline
+        )
+    )
+    watermark = earlier[-1].offset if earlier else -1
+    batch = fragments[max(len(earlier) - 2, 0) :]  # two replays, if there are any
+
+    def partition_batch() -> PartitionBatch:
+        return PartitionBatch(
+            buffers.get,
+            delimiter,
+            max_buffer_bytes=cap,
+            may_open=may_open,
+            applied_through=watermark,
+            load_chunks=buffers.load_chunks,
+            inline_limit=inline,
+        )
+
+    whole = partition_batch()
+    whole.apply(batch, 5_000)
+    sliced, start = partition_batch(), 0
+    for piece in split(batch, cuts):
+        sliced.apply(piece, 5_000 + start)
+        start += len(piece)
+    assert sliced.result == whole.result
+    assert sliced.result.live_delta == whole.result.live_delta
 
 
 # --- last activity: the stamp idle expiry and eviction order by --------------------------

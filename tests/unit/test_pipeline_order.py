@@ -8,6 +8,7 @@ only what happens in which order, and that a step that fails stops the ones afte
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,17 +32,21 @@ class Acks:
     what: str
     log: list[str]
     fail: str | None
+    reopen: Callable[[], None] | None = None
 
     async def delivered(self) -> dict[tuple[str, int], int]:
         if self.fail == self.what:
             raise Broken(self.what)
         self.log.append(f"{self.what} acknowledged")
+        if self.what == "changelog" and self.reopen is not None:
+            self.reopen()  # a rebalance meanwhile: revoked, assigned again, recovered
         return {("changelog", 3): 41} if self.what == "changelog" else {}
 
 
 class Delivery:
     def __init__(self, log: list[str], fail: str | None) -> None:
         self.log, self.fail = log, fail
+        self.reopen: Callable[[], None] | None = None
 
     async def send(self, outputs: Any, dead_letters: Any = ()) -> Acks:
         self.log.append("outputs handed over")
@@ -50,7 +55,7 @@ class Delivery:
     async def hand_over(self, sends: Any) -> Acks:
         assert all(topic == "changelog" for topic, _ in sends)
         self.log.append("changelog handed over")
-        return Acks("changelog", self.log, self.fail)
+        return Acks("changelog", self.log, self.fail, self.reopen)
 
 
 class Partition:
@@ -64,9 +69,10 @@ class Partition:
 class Store:
     def __init__(self, log: list[str]) -> None:
         self.log = log
+        self.opened = Partition(log)
 
     def partition(self, partition: int) -> Partition:
-        return Partition(self.log)
+        return self.opened
 
 
 class Changelog:
@@ -80,14 +86,21 @@ class Table:
         self.changelog_topic = Changelog()
 
 
-def commit(fail: str | None) -> tuple[list[str], ChangeSet, bool]:
+def commit(fail: str | None, reopen: bool = False) -> tuple[list[str], ChangeSet, bool]:
     log: list[str] = []
+    table, delivery = Table(log), Delivery(log, fail)
+    if reopen:
+
+        def reopened() -> None:
+            table.data.opened = Partition(log)
+
+        delivery.reopen = reopened
     pipeline = Pipeline(
         app=None,
         settings=Settings(),
-        table=Table(log),
+        table=table,
         topics=SessionTopics(*(object() for _ in range(5))),
-        delivery=Delivery(log, fail),  # type: ignore[arg-type]
+        delivery=delivery,  # type: ignore[arg-type]
         totals=PipelineTotals(),
         capacity=None,  # type: ignore[arg-type]
     )
@@ -138,3 +151,19 @@ def test_steps_cannot_be_taken_out_of_order() -> None:
     change.prepare()
     with pytest.raises(RuntimeError, match="cannot become logged"):
         change.logged()
+
+
+def test_a_partition_reopened_before_its_write_is_left_to_the_changelog() -> None:
+    """Revoked and assigned again between steps 2 and 3: recovery has put the change in.
+
+    Writing the batch again would count its sessions twice in the partition's count.
+    """
+    log, change, raised = commit(fail=None, reopen=True)
+    assert not raised
+    assert log == [
+        "outputs handed over",
+        "outputs acknowledged",
+        "changelog handed over",
+        "changelog acknowledged",
+    ]
+    assert change.step == "committed"
