@@ -22,6 +22,7 @@ Faust internals used here (`_dbs`, `_db_for_partition`, `offset_key`,
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -239,27 +240,27 @@ class PartitionStore:
         """Tell whether a session has a stored state."""
         return self.db.get(keys.buffer_key(session_id)) is not None
 
+    def idle(
+        self, *, before_us: int | None = None, skip: Collection[bytes] = ()
+    ) -> Iterator[tuple[int, bytes]]:
+        """Yield (last seen, session ID) pairs, longest idle first, read as they are asked for.
+
+        Only sessions last seen before `before_us` if it is given, and none of `skip`.
+        Not to be held across a write to the partition.
+        """
+        end = keys.IDLE_END if before_us is None else keys.idle_bound(before_us)
+        for key in self.db.keys(from_key=keys.IDLE):
+            if key >= end:
+                return
+            last_seen, session_id = keys.parse_idle_key(key)
+            if session_id not in skip:
+                yield last_seen, session_id
+
     def oldest(
         self, limit: int, *, before_us: int | None = None, skip: Collection[bytes] = ()
     ) -> list[tuple[int, bytes]]:
-        """Return up to `limit` (last seen, session ID) pairs, longest idle first.
-
-        Only sessions last seen before `before_us` if it is given, and none of `skip`.
-        """
-        end = keys.IDLE_END if before_us is None else keys.idle_bound(before_us)
-        found: list[tuple[int, bytes]] = []
-        if limit <= 0:
-            return found
-        for key in self.db.keys(from_key=keys.IDLE):
-            if key >= end:
-                break
-            last_seen, session_id = keys.parse_idle_key(key)
-            if session_id in skip:
-                continue
-            found.append((last_seen, session_id))
-            if len(found) >= limit:
-                break
-        return found
+        """Return up to `limit` (last seen, session ID) pairs of `idle`, longest idle first."""
+        return list(itertools.islice(self.idle(before_us=before_us, skip=skip), max(limit, 0)))
 
     def sessions(self) -> Iterator[tuple[bytes, int, int]]:
         """Yield (session ID, pending bytes, last seen) of every session, in ID order.

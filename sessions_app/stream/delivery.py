@@ -51,11 +51,14 @@ class Delivery:
         #: The dead-letter topic's max.message.bytes, once the worker has read it at start.
         self.dead_letter_limit = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
-    async def hand_over(self, sends: Sends) -> InFlight:
-        """Hand (key, value, headers) lists for their (topic, partition) to the producer."""
+    async def hand_over(self, sends: Iterable[tuple[tuple[str, int], list[Outgoing]]]) -> InFlight:
+        """Hand (key, value, headers) lists for their (topic, partition) to the producer.
+
+        One (topic, partition) at a time, in the order given, the event loop let in between.
+        """
         producer = self._app.producer._ensure_producer()
         in_flight = InFlight()
-        for (topic, partition), records in sends.items():
+        for (topic, partition), records in sends:
             batch, count = producer.create_batch(), 0
             for key, value, header_items in records:
                 headers = list(header_items)  # the record builder takes a list only
@@ -95,7 +98,7 @@ class Delivery:
             letters.append(
                 await producer.send(dlq, letter.fragment.key, value, None, None, headers)
             )
-        in_flight = await self.hand_over(sends)
+        in_flight = await self.hand_over(sends.items())
         in_flight.singles = letters
         return in_flight
 

@@ -10,9 +10,11 @@ commit (the agent's ack).
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,7 @@ from sessions_app.core.session_state import SessionState
 from sessions_app.core.totals import PipelineTotals
 from sessions_app.engine.store import PartitionStore, PreparedWrite, SessionStore, prepare_write
 from sessions_app.settings import Settings
-from sessions_app.stream.delivery import Delivery, Outgoing, Sends
+from sessions_app.stream.delivery import Delivery, Outgoing
 from sessions_app.stream.monitoring import CapacityMonitor
 from sessions_app.stream.topics import SessionTopics
 
@@ -42,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 #: Fragments of a partition applied between two turns of the event loop: about 10-30 ms.
 SLICE_FRAGMENTS = 2_000
+
+
+def _candidates(partition: int, idle: Iterator[tuple[int, bytes]]) -> Iterator[Candidate]:
+    """Return a partition's idle index as eviction candidates, in the same order."""
+    return ((last_seen, partition, session_id) for last_seen, session_id in idle)
 
 
 def _no_store(session_id: bytes, indices: list[int]) -> list[bytes]:
@@ -124,9 +131,12 @@ class ChangeSet:
         """Mark step 1 done: the broker has every output, remnant and dead letter."""
         self._advance("prepared", "delivered")
 
-    def changelog_records(self, changelog: str) -> Sends:
-        """Return the changelog records of step 2, per (topic, partition)."""
-        sends: Sends = {}
+    def changelog_records(self, changelog: str) -> Iterator[tuple[tuple[str, int], list[Outgoing]]]:
+        """Yield the changelog records of step 2 per (topic, partition), each built when asked.
+
+        The delivery hands each partition's over before it asks for the next one's, and
+        lets the event loop in between.
+        """
         for partition, change in self.partitions.items():
             # Markers before buffers: the changelog is written in order per partition, so a
             # crash never leaves an expired session's tombstone without its flush marker.
@@ -153,8 +163,7 @@ class ChangeSet:
             if change.watermark is not None:
                 records.append((keys.WATERMARK_KEY, keys.encode_offset(change.watermark), ()))
             if records:
-                sends[(changelog, partition)] = records
-        return sends
+                yield (changelog, partition), records
 
     def write_batch(self, partition: int) -> PreparedWrite:
         """Return a partition's RocksDB write batch for step 3, all but its offset."""
@@ -318,16 +327,16 @@ class Pipeline:
     def _evict(self, results: dict[int, BatchResult], how_many: int) -> None:
         """Expire the `how_many` longest-idle sessions, so the cap holds after the batch."""
         store = self.store
-        stored: list[Candidate] = []
+        indexes: list[Iterator[Candidate]] = []
         for partition in self.active_partitions():
             opened = store.partition(partition)
             if opened is None:
                 continue
             touched = results[partition].writes if partition in results else {}
-            stored += [
-                (last_seen, partition, session_id)
-                for last_seen, session_id in opened.oldest(how_many, skip=touched)
-            ]
+            indexes.append(_candidates(partition, opened.idle(skip=touched)))
+        # The partitions' idle indexes merged, longest idle first: `how_many` keys read in
+        # all, not `how_many` from each partition.
+        stored = list(itertools.islice(heapq.merge(*indexes), how_many))
         touched_states = {
             (partition, session_id): state
             for partition, result in results.items()

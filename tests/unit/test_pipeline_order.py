@@ -53,7 +53,7 @@ class Delivery:
         return Acks("outputs", self.log, self.fail)
 
     async def hand_over(self, sends: Any) -> Acks:
-        assert all(topic == "changelog" for topic, _ in sends)
+        assert all(topic == "changelog" for (topic, _), _ in sends)
         self.log.append("changelog handed over")
         return Acks("changelog", self.log, self.fail, self.reopen)
 
