@@ -236,6 +236,11 @@ class PartitionStore:
         raw = self.db.get(keys.buffer_key(session_id))
         return None if raw is None else SessionState.decode(raw)
 
+    def states(self, session_ids: Sequence[bytes]) -> list[SessionState | None]:
+        """Return the stored states of these sessions, None for those without, in one multi-get."""
+        stored = self.db.get([keys.buffer_key(session_id) for session_id in session_ids])
+        return [None if raw is None else SessionState.decode(raw) for raw in stored]
+
     def has_session(self, session_id: bytes) -> bool:
         """Tell whether a session has a stored state."""
         return self.db.get(keys.buffer_key(session_id)) is not None

@@ -23,6 +23,7 @@ from sessions_app.core.batch import (
     ActivityClock,
     BatchResult,
     ByPartition,
+    ChunkLoader,
     DeadLetter,
     OutRecord,
     PartitionBatch,
@@ -344,19 +345,39 @@ class Pipeline:
             if state is not None
         }
         recent = [(s.last_seen_us, p, sid) for (p, sid), s in touched_states.items()]
-        for _, partition, session_id in choose_evictions(stored, recent, how_many):
-            victim = touched_states.get((partition, session_id))
+        chosen = choose_evictions(stored, recent, how_many)
+        # The stored victims' states, a partition's in one multi-get.
+        unread: dict[int, list[bytes]] = {}
+        for _, partition, session_id in chosen:
+            if (partition, session_id) not in touched_states:
+                unread.setdefault(partition, []).append(session_id)
+        victims = dict(touched_states)
+        loaders: dict[int, ChunkLoader] = {}
+        for partition, session_ids in unread.items():
+            opened = store.partition(partition)
+            if opened is None:
+                continue
+            loaders[partition] = opened.chunk_loader()
+            for session_id, state in zip(session_ids, opened.states(session_ids), strict=True):
+                if state is not None:
+                    victims[(partition, session_id)] = state
+        for _, partition, session_id in chosen:
+            victim = victims.get((partition, session_id))
             if victim is None:
-                opened = store.partition(partition)
-                victim = None if opened is None else opened.session(session_id)
-                if victim is None:
-                    continue
+                continue
             evicted = results.setdefault(partition, BatchResult())
             evicted.before.setdefault(session_id, victim)
             evicted.writes[session_id] = None
-            opened = store.partition(partition)
-            loader = opened.chunk_loader() if opened is not None else _no_store
-            pending = pending_of(session_id, victim, evicted.chunks, loader)
+            if victim.chunks:
+                loader = loaders.get(partition)
+                if loader is None:
+                    opened = store.partition(partition)
+                    loader = loaders[partition] = (
+                        _no_store if opened is None else opened.chunk_loader()
+                    )
+                pending = pending_of(session_id, victim, evicted.chunks, loader)
+            else:
+                pending = victim.pending
             if pending:
                 evicted.expired.append(remnant(session_id, pending, victim.next_seq, "evicted"))
             drop_chunks(session_id, victim, evicted.chunks)

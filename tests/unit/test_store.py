@@ -60,6 +60,7 @@ def test_a_write_keeps_buffers_idle_index_and_count_in_step(db: Any) -> None:
     assert store.oldest(10) == [(300, b"a"), (400, b"b")]
     assert store.session(b"b") == state(400, b"more")
     assert store.session(b"c") is None and not store.has_session(b"c")
+    assert store.states([b"c", b"b", b"a"]) == [None, state(400, b"more"), state(300)]
     assert store.live_count() == 2
     assert db[OFFSET_KEY] == b"8"  # where Faust's recovery resumes the changelog
 
@@ -72,6 +73,10 @@ def test_oldest_stops_at_the_deadline_and_skips_sessions_in_hand(db: Any) -> Non
     assert store.oldest(1) == [(100, b"a")]
     assert store.oldest(2, skip={b"a"}) == [(200, b"b"), (300, b"c")]
     assert store.oldest(0) == []
+    # The walk behind `oldest`, read lazily: eviction merges the partitions' walks.
+    walk = store.idle(skip={b"b"})
+    assert next(walk) == (100, b"a")
+    assert list(walk) == [(300, b"c")]
 
 
 def test_the_count_watermark_and_markers_survive_a_reopen(tmp_path: Path) -> None:
