@@ -17,13 +17,10 @@ def cut_records(pending: bytes, fragment: bytes, delimiter: bytes) -> tuple[list
         raise ValueError("delimiter must not be empty")
     if not fragment:
         return [], pending
-    # Only a delimiter that ends inside the new fragment can complete a record:
-    # skip the search when the joint region around the seam cannot hold one.
-    seam_start = max(0, len(pending) - len(delimiter) + 1)
-    data = pending + fragment
-    if data.find(delimiter, seam_start) < 0:
-        return [], data
-    *records, tail = data.split(delimiter)
+    # `pending` holds no whole delimiter, so the first match of a left-to-right split
+    # ends inside the new fragment, as a search from the seam would find it.
+    records = (pending + fragment).split(delimiter)
+    tail = records.pop()
     return records, tail
 
 
