@@ -16,9 +16,9 @@ everything Faust does for correctness and does it once per fetch:
 - the read offset per partition drops records already handed over, and offset
   gaps (compaction, transaction markers) are recorded so commits can pass them;
 - acks go into Faust's own bookkeeping (`_acked`, `_acked_index`, `_n_acked`),
-  so Faust's commit timer commits them as before, every
-  `broker_commit_interval`; the count trigger (`broker_commit_every`) is left
-  out, because it would commit after every batch in the loop that fetches.
+  so Faust's commit timer commits them as before, and so does the count
+  trigger (`broker_commit_every`), but in a task beside the loop that fetches,
+  not awaited by it before the next fetch.
 
 The consumer thread parses the input topic's fetched batches straight into
 `Fragment` tuples: aiokafka's `ConsumerRecord` (an eleven-field dataclass
@@ -36,7 +36,7 @@ Faust's per-record path.
 Private names used, checked against faust-streaming 0.15.3 and aiokafka 0.14.0:
 Faust's `_drain_messages`, `_wait_next_records`, `_read_offset`, `_add_gap`,
 `_buffered_partitions`, `_committed_offset`, `_acked`, `_acked_index`,
-`_n_acked`, `_fetch_records`, `_new_consumer_thread`; aiokafka's
+`_n_acked`, `_commit_every`, `_fetch_records`, `_new_consumer_thread`; aiokafka's
 `Fetcher._records`, `PartitionRecords._consumer_record` and the meaning of an
 empty collection in `Fetcher.fetched_records(partitions)`.
 """
@@ -196,6 +196,8 @@ class IntakeConsumer(Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._intake: asyncio.Queue[Fetch] | None = None
+        #: The commit `broker_commit_every` acks started, while it runs.
+        self._counted_commit: asyncio.Future[Any] | None = None
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return IntakeConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -255,10 +257,9 @@ class IntakeConsumer(Consumer):
                 if batch:
                     # A rebalance stops the flow: drop the fetch as Faust would; recovery seeks.
                     await self.wait_first(intake.put((generation, batch)), self.suspend_flow.wait())
-                # No commit here on `broker_commit_every` acks, as Faust's loop does: a batch
-                # acks 20,000, so that would commit after every batch, in this loop, and the
-                # next fetch would wait for the broker's answer. Faust's commit timer commits
-                # every `broker_commit_interval` (2.8 s) instead.
+                # No commit awaited here, as Faust's loop does after `broker_commit_every`
+                # acks: the next fetch would wait for the broker's answer. `ack_records`
+                # starts that commit beside this loop.
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 return
@@ -313,3 +314,21 @@ class IntakeConsumer(Consumer):
                 self._acked[tp].extend(fresh)
                 self._n_acked += len(fresh)
             notify(self._waiting_for_ack)
+        self._commit_if_due()
+
+    def _commit_if_due(self) -> None:
+        """Start a commit once `broker_commit_every` records are acked since the last one.
+
+        Faust's loop awaits this commit before it fetches again: with a batch of 20,000
+        acked at once that is a broker round trip before every fetch. Here it runs as a
+        task of the consumer (a failure crashes it, as in Faust's loop), one at a time.
+        Committing this often keeps Faust's bookkeeping of acked offsets, which a commit
+        walks without a turn of the event loop, to a batch or two.
+        """
+        every = self._commit_every
+        if every is None or self._n_acked < every:
+            return
+        if self._counted_commit is not None and not self._counted_commit.done():
+            return
+        self._n_acked = 0
+        self._counted_commit = self.add_future(self.commit())
