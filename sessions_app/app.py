@@ -96,6 +96,7 @@ class SessionsApp(faust.App):
             # A fetch is handed to the agent whole (engine/intake.py): bound it, or fetched
             # records (half a kilobyte of Python objects each) pile up by the hundred thousand.
             broker_max_poll_records=settings.tuning.fetch_max_records,
+            broker_commit_every=settings.tuning.commit_every,
             # Unacked fragments are read again after a restart; shutdown need not wait for them.
             stream_wait_empty=False,
             web_bind=settings.web_host,

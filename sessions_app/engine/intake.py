@@ -319,11 +319,11 @@ class IntakeConsumer(Consumer):
     def _commit_if_due(self) -> None:
         """Start a commit once `broker_commit_every` records are acked since the last one.
 
-        Faust's loop awaits this commit before it fetches again: with a batch of 20,000
-        acked at once that is a broker round trip before every fetch. Here it runs as a
-        task of the consumer (a failure crashes it, as in Faust's loop), one at a time.
-        Committing this often keeps Faust's bookkeeping of acked offsets, which a commit
-        walks without a turn of the event loop, to a batch or two.
+        Faust's loop awaits this commit before it fetches again, a broker round trip
+        before the next fetch. Here it runs as a task of the consumer (a failure crashes
+        it, as in Faust's loop), one at a time. Committing by count, not only every 2.8 s,
+        bounds Faust's bookkeeping of acked offsets, which a commit walks without a turn
+        of the event loop (100,000 offsets: about 12 ms).
         """
         every = self._commit_every
         if every is None or self._n_acked < every:

@@ -90,7 +90,7 @@ def test_a_partition_that_stops_moving_raises_the_stall_alarm_and_clears_it(
     for name in ("INPUT", "OUTPUT", "EXPIRED", "DLQ", "ALERTS"):
         create_topics_sync(own_broker.bootstrap, [deployment.env[f"SESSIONS_{name}_TOPIC"]], 1)
     worker = deployment.start_worker()
-    sessions = generate("stall", 2_000, 20, b"\r\n", seed=7)
+    sessions = generate("stall", 6_000, 20, b"\r\n", seed=7)
     deployment.produce([(key, frag, 0) for key, frag in interleave(sessions, seed=7)])
     # The worker is at it and the monitor has seen lag: freeze the broker under it. The
     # batch in hand waits for acknowledgements that cannot come: a real stall.
