@@ -34,6 +34,11 @@ class Fragment(NamedTuple):
 ByPartition = dict[int, list[Fragment]]
 
 
+def fragments_in(fetched: ByPartition) -> int:
+    """Return how many fragments a fetch or batch holds."""
+    return sum(len(fragments) for fragments in fetched.values())
+
+
 class OutRecord(NamedTuple):
     """A record to produce: complete records and expired remnants (a tuple: cheap to build)."""
 

@@ -54,7 +54,7 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer
 from faust.types.tuples import TP, ack_lock
 from mode.utils.futures import notify
 
-from sessions_app.core.batch import ByPartition, Fragment
+from sessions_app.core.batch import ByPartition, Fragment, fragments_in
 
 
 class _FragmentRecords(OrderedDict):  # type: ignore[type-arg]
@@ -117,11 +117,6 @@ class Fetchable:
 Fetch = tuple[int, ByPartition]
 
 
-def fragments_in(fetched: ByPartition) -> int:
-    """Return how many fragments a fetch holds."""
-    return sum(len(fragments) for fragments in fetched.values())
-
-
 class Batches:
     """Takes the intake queue's fetches as batches of at most `most` fragments.
 
@@ -146,11 +141,12 @@ class Batches:
         await asyncio.sleep(0)
         while not intake.empty():
             fetch = intake.get_nowait()
-            if size + fragments_in(fetch[1]) > self._most:
+            more = fragments_in(fetch[1])
+            if size + more > self._most:
                 self._carried = fetch
                 break
             fetches.append(fetch)
-            size += fragments_in(fetch[1])
+            size += more
         return fetches
 
 

@@ -22,6 +22,8 @@ from sessions_app.core.limits import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, RECORD_OVE
 #: (key, value, headers) of one record to produce.
 Outgoing = tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]
 #: Records for one (topic name, partition), in order.
+Send = tuple[tuple[str, int], list[Outgoing]]
+#: Records per (topic name, partition), each list in order.
 Sends = dict[tuple[str, int], list[Outgoing]]
 
 
@@ -51,7 +53,7 @@ class Delivery:
         #: The dead-letter topic's max.message.bytes, once the worker has read it at start.
         self.dead_letter_limit = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
-    async def hand_over(self, sends: Iterable[tuple[tuple[str, int], list[Outgoing]]]) -> InFlight:
+    async def hand_over(self, sends: Iterable[Send]) -> InFlight:
         """Hand (key, value, headers) lists for their (topic, partition) to the producer.
 
         One (topic, partition) at a time, in the order given, the event loop let in between.

@@ -28,6 +28,7 @@ from sessions_app.core.batch import (
     OutRecord,
     PartitionBatch,
     drop_chunks,
+    fragments_in,
     pending_of,
     remnant,
 )
@@ -37,7 +38,7 @@ from sessions_app.core.session_state import SessionState
 from sessions_app.core.totals import PipelineTotals
 from sessions_app.engine.store import PartitionStore, PreparedWrite, SessionStore, prepare_write
 from sessions_app.settings import Settings
-from sessions_app.stream.delivery import Delivery, Outgoing
+from sessions_app.stream.delivery import Delivery, Outgoing, Send
 from sessions_app.stream.monitoring import CapacityMonitor
 from sessions_app.stream.topics import SessionTopics
 
@@ -132,7 +133,7 @@ class ChangeSet:
         """Mark step 1 done: the broker has every output, remnant and dead letter."""
         self._advance("prepared", "delivered")
 
-    def changelog_records(self, changelog: str) -> Iterator[tuple[tuple[str, int], list[Outgoing]]]:
+    def changelog_records(self, changelog: str) -> Iterator[Send]:
         """Yield the changelog records of step 2 per (topic, partition), each built when asked.
 
         The delivery hands each partition's over before it asks for the next one's, and
@@ -247,9 +248,7 @@ class Pipeline:
         """Apply one batch of consumed fragments, then send and persist what it produced."""
         settings = self.settings
         store = self.store
-        now_us = self.clock.stamp(
-            int(time.time() * 1_000_000), sum(len(fragments) for fragments in consumed.values())
-        )
+        now_us = self.clock.stamp(int(time.time() * 1_000_000), fragments_in(consumed))
         live = sum(self.live_sessions().values())
         reject = settings.cap_policy == "reject"
         results: dict[int, BatchResult] = {}
@@ -346,38 +345,31 @@ class Pipeline:
         }
         recent = [(s.last_seen_us, p, sid) for (p, sid), s in touched_states.items()]
         chosen = choose_evictions(stored, recent, how_many)
+        loaders: dict[int, ChunkLoader] = {}
+        for partition in {partition for _, partition, _ in chosen}:
+            opened = store.partition(partition)
+            loaders[partition] = _no_store if opened is None else opened.chunk_loader()
         # The stored victims' states, a partition's in one multi-get.
         unread: dict[int, list[bytes]] = {}
         for _, partition, session_id in chosen:
             if (partition, session_id) not in touched_states:
                 unread.setdefault(partition, []).append(session_id)
-        victims = dict(touched_states)
-        loaders: dict[int, ChunkLoader] = {}
+        read: dict[tuple[int, bytes], SessionState | None] = {}
         for partition, session_ids in unread.items():
             opened = store.partition(partition)
-            if opened is None:
-                continue
-            loaders[partition] = opened.chunk_loader()
-            for session_id, state in zip(session_ids, opened.states(session_ids), strict=True):
-                if state is not None:
-                    victims[(partition, session_id)] = state
+            if opened is not None:
+                states = opened.states(session_ids)
+                read.update(zip(((partition, sid) for sid in session_ids), states, strict=True))
         for _, partition, session_id in chosen:
-            victim = victims.get((partition, session_id))
+            victim = touched_states.get((partition, session_id))
+            if victim is None:
+                victim = read.get((partition, session_id))
             if victim is None:
                 continue
             evicted = results.setdefault(partition, BatchResult())
             evicted.before.setdefault(session_id, victim)
             evicted.writes[session_id] = None
-            if victim.chunks:
-                loader = loaders.get(partition)
-                if loader is None:
-                    opened = store.partition(partition)
-                    loader = loaders[partition] = (
-                        _no_store if opened is None else opened.chunk_loader()
-                    )
-                pending = pending_of(session_id, victim, evicted.chunks, loader)
-            else:
-                pending = victim.pending
+            pending = pending_of(session_id, victim, evicted.chunks, loaders[partition])
             if pending:
                 evicted.expired.append(remnant(session_id, pending, victim.next_seq, "evicted"))
             drop_chunks(session_id, victim, evicted.chunks)
