@@ -23,7 +23,6 @@ from sessions_app.core.batch import (
     ActivityClock,
     BatchResult,
     ByPartition,
-    ChunkLoader,
     DeadLetter,
     OutRecord,
     PartitionBatch,
@@ -46,15 +45,13 @@ logger = logging.getLogger(__name__)
 
 #: Fragments of a partition applied between two turns of the event loop: about 10-30 ms.
 SLICE_FRAGMENTS = 2_000
+#: Evictions read, and then taken, between two turns of the event loop.
+EVICTION_STEP = 2_000
 
 
 def _candidates(partition: int, idle: Iterator[tuple[int, bytes]]) -> Iterator[Candidate]:
     """Return a partition's idle index as eviction candidates, in the same order."""
     return ((last_seen, partition, session_id) for last_seen, session_id in idle)
-
-
-def _no_store(session_id: bytes, indices: list[int]) -> list[bytes]:
-    raise StoreRefused("the partition was revoked while its sessions were evicted")
 
 
 class StoreRefused(RuntimeError):
@@ -277,17 +274,17 @@ class Pipeline:
             results[partition] = batch.result
             applied.append(partition)
             live += batch.result.live_delta
-        revoked = [p for p in applied if store.partition(p) is not owners[p]]
-        if revoked:
-            # Revoked (or revoked and reopened) meanwhile: the new owner reads these
-            # fragments again, and the count of live sessions is taken anew.
-            for partition in revoked:
-                del results[partition]
-                applied.remove(partition)
+        if self._drop_revoked(results, applied, owners):
+            # The new owner reads these fragments again: the count of live sessions is
+            # taken anew.
             live = sum(self.live_sessions().values())
             live += sum(result.live_delta for result in results.values())
+        evictions: dict[int, int] = {}
         if live > settings.max_sessions and not reject:
-            self._evict(results, live - settings.max_sessions)
+            evictions = await self._evict(results, live - settings.max_sessions, owners)
+            # The eviction lets the event loop in: drop what a partition revoked meanwhile
+            # produced, with no await between this check and the sends (ChangeSet steps).
+            self._drop_revoked(results, applied, owners)
 
         topics = self.topics
         change = ChangeSet(
@@ -315,6 +312,7 @@ class Pipeline:
         totals.fragments_consumed += batch_size
         totals.batches_applied += 1
         self.largest_batch = max(self.largest_batch, batch_size)
+        totals.sessions_evicted += sum(evictions.get(p, 0) for p in results)
         for result in results.values():
             totals.fragments_replayed += result.fragments_replayed
             totals.records_emitted += len(result.records)
@@ -324,56 +322,106 @@ class Pipeline:
             totals.dead_letters += len(result.dead_letters)
         await self.check_capacity()
 
-    def _evict(self, results: dict[int, BatchResult], how_many: int) -> None:
-        """Expire the `how_many` longest-idle sessions, so the cap holds after the batch."""
+    def _drop_revoked(
+        self,
+        results: dict[int, BatchResult],
+        applied: list[int],
+        owners: dict[int, PartitionStore | None],
+    ) -> bool:
+        """Drop the results of partitions revoked (or revoked and reopened) since `owners`.
+
+        Return whether any was dropped.
+        """
         store = self.store
-        indexes: list[Iterator[Candidate]] = []
+        revoked = [p for p in results if store.partition(p) is not owners[p]]
+        for partition in revoked:
+            del results[partition]
+            if partition in applied:
+                applied.remove(partition)
+        return bool(revoked)
+
+    async def _evict(
+        self,
+        results: dict[int, BatchResult],
+        how_many: int,
+        owners: dict[int, PartitionStore | None],
+    ) -> dict[int, int]:
+        """Expire the `how_many` longest-idle sessions, so the cap holds after the batch.
+
+        Reads and victims go in steps of `EVICTION_STEP`, the event loop let in between;
+        a partition revoked meanwhile loses its evictions (the caller drops its results).
+        `owners` gains every partition a victim is taken from, with the instance it is
+        read from. Return the sessions evicted per partition.
+        """
+        store = self.store
+        sources: dict[int, PartitionStore] = {}
         for partition in self.active_partitions():
             opened = store.partition(partition)
-            if opened is None:
-                continue
-            touched = results[partition].writes if partition in results else {}
-            indexes.append(_candidates(partition, opened.idle(skip=touched)))
+            if opened is not None and owners.setdefault(partition, opened) is opened:
+                sources[partition] = opened
+        indexes = [
+            _candidates(
+                partition,
+                opened.idle(skip=results[partition].writes if partition in results else {}),
+            )
+            for partition, opened in sources.items()
+        ]
         # The partitions' idle indexes merged, longest idle first: `how_many` keys read in
-        # all, not `how_many` from each partition.
+        # all, not `how_many` from each partition. Their iterators end here, before any
+        # turn of the event loop.
         stored = list(itertools.islice(heapq.merge(*indexes), how_many))
+        del indexes
         touched_states = {
             (partition, session_id): state
             for partition, result in results.items()
             for session_id, state in result.writes.items()
             if state is not None
         }
-        recent = [(s.last_seen_us, p, sid) for (p, sid), s in touched_states.items()]
+        recent = (
+            [(s.last_seen_us, p, sid) for (p, sid), s in touched_states.items()]
+            if len(stored) < how_many
+            else []
+        )
         chosen = choose_evictions(stored, recent, how_many)
-        loaders: dict[int, ChunkLoader] = {}
-        for partition in {partition for _, partition, _ in chosen}:
-            opened = store.partition(partition)
-            loaders[partition] = _no_store if opened is None else opened.chunk_loader()
-        # The stored victims' states, a partition's in one multi-get.
+        # The stored victims' states: a partition's in multi-gets of a step each.
         unread: dict[int, list[bytes]] = {}
         for _, partition, session_id in chosen:
             if (partition, session_id) not in touched_states:
                 unread.setdefault(partition, []).append(session_id)
         read: dict[tuple[int, bytes], SessionState | None] = {}
         for partition, session_ids in unread.items():
-            opened = store.partition(partition)
-            if opened is not None:
-                states = opened.states(session_ids)
-                read.update(zip(((partition, sid) for sid in session_ids), states, strict=True))
-        for _, partition, session_id in chosen:
-            victim = touched_states.get((partition, session_id))
-            if victim is None:
-                victim = read.get((partition, session_id))
-            if victim is None:
-                continue
-            evicted = results.setdefault(partition, BatchResult())
-            evicted.before.setdefault(session_id, victim)
-            evicted.writes[session_id] = None
-            pending = pending_of(session_id, victim, evicted.chunks, loaders[partition])
-            if pending:
-                evicted.expired.append(remnant(session_id, pending, victim.next_seq, "evicted"))
-            drop_chunks(session_id, victim, evicted.chunks)
-            self.totals.sessions_evicted += 1
+            for start in range(0, len(session_ids), EVICTION_STEP):
+                await asyncio.sleep(0)
+                opened = sources[partition]
+                if store.partition(partition) is not opened:
+                    break  # revoked meanwhile: its results are dropped
+                step = session_ids[start : start + EVICTION_STEP]
+                read.update(
+                    zip(((partition, sid) for sid in step), opened.states(step), strict=True)
+                )
+        loaders = {partition: opened.chunk_loader() for partition, opened in sources.items()}
+        evictions: dict[int, int] = {}
+        for start in range(0, len(chosen), EVICTION_STEP):
+            await asyncio.sleep(0)
+            # Partitions revoked meanwhile lose their evictions: their results are dropped.
+            held = {p for p, opened in sources.items() if store.partition(p) is opened}
+            for _, partition, session_id in chosen[start : start + EVICTION_STEP]:
+                if partition not in held:
+                    continue
+                victim = touched_states.get((partition, session_id))
+                if victim is None:
+                    victim = read.get((partition, session_id))
+                if victim is None:
+                    continue
+                evicted = results.setdefault(partition, BatchResult())
+                evicted.before.setdefault(session_id, victim)
+                evicted.writes[session_id] = None
+                pending = pending_of(session_id, victim, evicted.chunks, loaders[partition])
+                if pending:
+                    evicted.expired.append(remnant(session_id, pending, victim.next_seq, "evicted"))
+                drop_chunks(session_id, victim, evicted.chunks)
+                evictions[partition] = evictions.get(partition, 0) + 1
+        return evictions
 
     async def commit(self, change: ChangeSet) -> None:
         """Take a change set through its steps, in the order of README's delivery guarantee.
