@@ -135,6 +135,8 @@ class PreparedWrite:
 
     batch: Any
     delta: int
+    #: The smallest idle-index key the batch puts, if it puts any.
+    lowest_idle: bytes | None = None
 
 
 def prepare_write(
@@ -152,6 +154,7 @@ def prepare_write(
     """
     batch = rocksdict.WriteBatch(raw_mode=True)
     delta = 0
+    lowest: bytes | None = None
     for session_id, state in writes.items():
         old = before.get(session_id)
         if old is not None:
@@ -161,7 +164,10 @@ def prepare_write(
             batch.delete(keys.buffer_key(session_id))
         else:
             batch.put(keys.buffer_key(session_id), encoded[session_id])
-            batch.put(keys.idle_key(state.last_seen_us, session_id), b"")
+            idle = keys.idle_key(state.last_seen_us, session_id)
+            batch.put(idle, b"")
+            if lowest is None or idle < lowest:
+                lowest = idle
             delta += 1
     for (session_id, index), chunk in (chunks or {}).items():
         if chunk is None:
@@ -175,7 +181,7 @@ def prepare_write(
             batch.put(keys.marker_key(session_id), marker)
     if watermark is not None:
         batch.put(keys.WATERMARK_KEY, keys.encode_offset(watermark))
-    return PreparedWrite(batch, delta)
+    return PreparedWrite(batch, delta, lowest)
 
 
 class ChangelogRecord(Protocol):
@@ -198,6 +204,18 @@ def _scan_options() -> Any:
     return options
 
 
+def _read_once_options(upper_bound: bytes | None = None) -> Any:
+    """Read options for keys read once before they go: the hot blocks stay cached."""
+    options = rocksdict.ReadOptions()
+    options.fill_cache(False)  # type: ignore[call-arg]  # the stub lacks its argument
+    if upper_bound is not None:
+        options.set_iterate_upper_bound(upper_bound)
+    return options
+
+
+_ONCE = _read_once_options()
+
+
 class PartitionStore:
     """One table partition's RocksDB instance, read and written through named operations."""
 
@@ -205,6 +223,10 @@ class PartitionStore:
         self.db = db
         self._offset_key = offset_key
         self._count: int | None = None
+        #: No idle-index key before this one is stored. Evictions and expiry delete the
+        #: oldest keys, and a walk from the index's start would step over every one of
+        #: their tombstones until a compaction drops them: walks start here instead.
+        self._idle_floor = keys.IDLE
 
     def loader(self) -> Callable[[bytes], bytes | None]:
         """Return a function giving a session's stored state, undecoded (None if none)."""
@@ -237,9 +259,14 @@ class PartitionStore:
         return None if raw is None else SessionState.decode(raw)
 
     def states(self, session_ids: Sequence[bytes]) -> list[SessionState | None]:
-        """Return the stored states of these sessions, None for those without, in one multi-get."""
-        stored = self.db.get([keys.buffer_key(session_id) for session_id in session_ids])
-        return [None if raw is None else SessionState.decode(raw) for raw in stored]
+        """Return the stored states of sessions about to go (evicted), None for those without.
+
+        Their blocks are not kept in the block cache. (rocksdict's multi-get fills the
+        cache whatever the read options it is given; point reads heed them, as fast.)
+        """
+        get, once, decode = self.db.get, _ONCE, SessionState.decode
+        stored = (get(keys.buffer_key(session_id), None, once) for session_id in session_ids)
+        return [None if raw is None else decode(raw) for raw in stored]
 
     def has_session(self, session_id: bytes) -> bool:
         """Tell whether a session has a stored state."""
@@ -254,7 +281,15 @@ class PartitionStore:
         Not to be held across a write to the partition.
         """
         end = keys.IDLE_END if before_us is None else keys.idle_bound(before_us)
-        for key in self.db.keys(from_key=keys.IDLE):
+        # The oldest sessions are read to be evicted or expired: their blocks are not cached.
+        walk = iter(self.db.keys(from_key=self._idle_floor, read_opt=_read_once_options(end)))
+        first = next(walk, None)
+        if first is None:
+            return
+        # Nothing is stored between the floor and the first key found: the next walk starts
+        # there (no write can come in between: this runs up to its first yield at once).
+        self._idle_floor = first
+        for key in itertools.chain((first,), walk):
             if key >= end:
                 return
             last_seen, session_id = keys.parse_idle_key(key)
@@ -314,6 +349,8 @@ class PartitionStore:
         batch.put(keys.COUNT_KEY, keys.encode_count(count))
         # Faust reads this key at recovery and replays the changelog after it.
         batch.put(self._offset_key, str(changelog_offset).encode())
+        if prepared.lowest_idle is not None and prepared.lowest_idle < self._idle_floor:
+            self._idle_floor = prepared.lowest_idle
         self.db.write(batch)
         self._count = count
 
@@ -332,6 +369,7 @@ class PartitionStore:
             dict(zip(buffered, self.db.get(buffered), strict=True)) if buffered else {}
         )
         delta = 0
+        lowest: bytes | None = None
         for record in records:
             key, value = record.key or b"", record.value
             if key in current:
@@ -346,13 +384,15 @@ class PartitionStore:
                     fresh = idle_key_of(value, session_id)
                     if fresh is not None:
                         put(fresh, b"")
+                        if lowest is None or fresh < lowest:
+                            lowest = fresh
                 current[key] = value
             if value is None:
                 delete(key)
             else:
                 put(key, value)
         offset = records[-1].offset
-        self.commit(PreparedWrite(write, delta), offset)
+        self.commit(PreparedWrite(write, delta, lowest), offset)
 
     def table_readers_bytes(self) -> int:
         """Return the memory RocksDB's table readers hold (index and filter blocks)."""

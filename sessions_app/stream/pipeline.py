@@ -383,7 +383,7 @@ class Pipeline:
             else []
         )
         chosen = choose_evictions(stored, recent, how_many)
-        # The stored victims' states: a partition's in multi-gets of a step each.
+        # The stored victims' states, read a step at a time.
         unread: dict[int, list[bytes]] = {}
         for _, partition, session_id in chosen:
             if (partition, session_id) not in touched_states:

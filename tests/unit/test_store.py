@@ -79,6 +79,30 @@ def test_oldest_stops_at_the_deadline_and_skips_sessions_in_hand(db: Any) -> Non
     assert list(walk) == [(300, b"c")]
 
 
+def test_walks_start_past_the_evicted_yet_find_a_session_put_before_them(db: Any) -> None:
+    """The walk starts where the last one found its first key, past evictions' tombstones.
+
+    A write of an older stamp (a standby's changelog, another worker's clock) lowers
+    that start again: such a session must still be the first to go.
+    """
+    store = PartitionStore(db, OFFSET_KEY)
+    write(store, {sid: state(seen) for sid, seen in [(b"a", 100), (b"b", 200), (b"c", 300)]}, 0)
+    assert store.oldest(1) == [(100, b"a")]
+    write(store, {b"a": None}, 1)  # evicted
+    assert store.oldest(1) == [(200, b"b")]
+    write(store, {b"b": None}, 2)
+    assert store.oldest(5) == [(300, b"c")]
+    write(store, {b"old": state(50)}, 3)
+    assert store.oldest(5) == [(50, b"old"), (300, b"c")]
+    store.apply_changelog([Record(keys.buffer_key(b"older"), state(20).encode(), 4)])
+    assert store.oldest(5) == [(20, b"older"), (50, b"old"), (300, b"c")]
+    assert store.oldest(5, before_us=40) == [(20, b"older")]
+    write(store, {b"older": None, b"old": None, b"c": None}, 5)
+    assert store.oldest(5) == []
+    write(store, {b"new": state(10)}, 6)
+    assert store.oldest(5) == [(10, b"new")]
+
+
 def test_the_count_watermark_and_markers_survive_a_reopen(tmp_path: Path) -> None:
     db = open_db(tmp_path / "p1")
     store = PartitionStore(db, OFFSET_KEY)
