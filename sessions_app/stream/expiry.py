@@ -162,8 +162,7 @@ class IdleExpiry(Service):
             if opened is None:
                 continue
             change = changes[partition] = PartitionChanges()
-            for session_id in session_ids:
-                state = opened.session(session_id)
+            for session_id, state in zip(session_ids, opened.states(session_ids), strict=True):
                 if state is None:
                     continue
                 change.writes[session_id] = None
