@@ -28,7 +28,7 @@ from mode import Service, ServiceT
 from sessions_app.core.batch import Fragment
 from sessions_app.core.limits import size_problem
 from sessions_app.core.totals import PipelineTotals
-from sessions_app.engine.allocator import fix_mmap_threshold
+from sessions_app.engine.allocator import fix_mmap_threshold, limit_arenas
 from sessions_app.engine.intake import IntakeConsumer
 from sessions_app.engine.recovery import OrderedRecovery, OrderedTableManager
 from sessions_app.settings import Settings, SettingsError
@@ -195,8 +195,10 @@ class SessionsApp(faust.App):
         others = sorted(t.name for t in self.tables.values() if t is not self.session_buffers)
         if others:
             raise RuntimeError(f"tables {others}: recovery only applies the session buffers")
-        # RocksDB's memtable blocks must go back to the system once freed.
+        # RocksDB's memtable blocks must go back to the system once freed, and what its
+        # threads free must serve the others (engine/allocator.py).
         fix_mmap_threshold()
+        limit_arenas()
         # Faust creates the data directory without its parents (Procfile: .../worker-$PORT).
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
         # aiokafka builds a debug record for every message it sends (its loggers are left

@@ -45,3 +45,57 @@ def test_blocks_stay_mapped_once_the_threshold_is_fixed() -> None:
 def test_glibc_moves_them_to_the_heap_otherwise() -> None:
     # What the fix is for: without it the same blocks land on the heap and leave holes there.
     assert not mapped_after_a_large_free("default")
+
+
+# In a fresh interpreter: six threads allocate at once, each holding its block until all
+# have one; print how many arenas glibc's malloc_info then reports.
+ARENA_PROBE = """
+import ctypes, sys, threading
+from sessions_app.engine.allocator import limit_arenas
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.open_memstream.restype = ctypes.c_void_p
+libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "limited":
+    assert limit_arenas()
+all_in = threading.Barrier(7)
+
+def allocate():
+    block = libc.malloc(1 << 16)
+    all_in.wait()
+    all_in.wait()
+    libc.free(block)
+
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for thread in threads:
+    thread.start()
+all_in.wait()
+text, size = ctypes.c_char_p(), ctypes.c_size_t()
+stream = libc.open_memstream(ctypes.byref(text), ctypes.byref(size))
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+all_in.wait()
+for thread in threads:
+    thread.join()
+print(text.value.decode().count("<heap nr="))
+"""
+
+
+def arenas_of_six_threads(mode: str) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", ARENA_PROBE, mode], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.strip())
+
+
+def test_threads_share_two_arenas_once_limited() -> None:
+    assert arenas_of_six_threads("limited") <= 2
+
+
+def test_glibc_gives_threads_arenas_of_their_own_otherwise() -> None:
+    # What the limit is for: RocksDB's threads would each keep what they free in their own.
+    assert arenas_of_six_threads("default") > 2
