@@ -16,11 +16,22 @@ the first compactions, between 100k and 1M sessions, left two new arenas of
 3-4 MiB each. Two arenas for the whole worker (the common setting for Python
 services with native thread pools, MALLOC_ARENA_MAX=2) let that memory serve
 the next allocation of any thread instead.
+
+CPython's cyclic collector runs every 700 new container objects and scans
+the young ones still alive. A batch keeps its tens of thousands of
+fragments, states and records alive until it is done, so the collector
+scanned them again and again and moved them to the oldest generation, whose
+full scans then came every other batch: 6.4 s of a 54 s run, full scans of
+12-27 ms each. Held off while a batch is applied, the collector runs between
+batches, when their objects are gone: 0.6 s in the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
+from collections.abc import Iterator
 
 # mallopt's parameter numbers, from glibc's malloc.h.
 M_MMAP_THRESHOLD = -3
@@ -53,3 +64,15 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
     Takes effect for threads started afterwards: call it before RocksDB opens.
     """
     return _mallopt(M_ARENA_MAX, arenas)
+
+
+@contextlib.contextmanager
+def collector_held_off() -> Iterator[None]:
+    """Hold CPython's cyclic garbage collector off inside; it runs again, if it ran, after."""
+    running = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if running:
+            gc.enable()

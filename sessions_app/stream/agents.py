@@ -14,6 +14,7 @@ from typing import Any
 
 from sessions_app.app import app
 from sessions_app.core.batch import ByPartition
+from sessions_app.engine.allocator import collector_held_off
 from sessions_app.engine.intake import Batches, IntakeConsumer
 from sessions_app.stream.pipeline import StoreRefused
 
@@ -52,7 +53,10 @@ async def reassemble_sessions(stream: Any) -> None:
             try:
                 async with pipeline.lock:
                     await expiry.resolve_interrupted_flushes(set(batch))
-                    await pipeline.process(batch)
+                    # The batch's objects live until it is done: the collector would only
+                    # scan them again and again (engine/allocator.py).
+                    with collector_held_off():
+                        await pipeline.process(batch)
             except StoreRefused:
                 # RocksDB refuses every write until reopened: apply nothing more, ack nothing.
                 # The alarm is up; the partition monitor stops the worker after

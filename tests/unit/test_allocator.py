@@ -1,9 +1,14 @@
-"""The mmap threshold fix: freed large blocks go back to the system, whatever came before."""
+"""Allocation settings: freed large blocks go back, threads share two arenas, no scans mid-batch."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+
+import pytest
+
+from sessions_app.engine.allocator import collector_held_off
 
 # In a fresh interpreter: free a 4 MiB block (glibc then raises its threshold to that size
 # unless it is fixed), allocate 1 MiB blocks, and print whether they were mapped.
@@ -99,3 +104,23 @@ def test_threads_share_two_arenas_once_limited() -> None:
 def test_glibc_gives_threads_arenas_of_their_own_otherwise() -> None:
     # What the limit is for: RocksDB's threads would each keep what they free in their own.
     assert arenas_of_six_threads("default") > 2
+
+
+def test_the_collector_is_off_while_a_batch_is_applied_and_on_after_even_a_failure() -> None:
+    assert gc.isenabled()
+    with collector_held_off():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_held_off():
+        raise RuntimeError("the batch failed")
+    assert gc.isenabled()
+
+
+def test_a_collector_turned_off_elsewhere_stays_off() -> None:
+    gc.disable()
+    try:
+        with collector_held_off():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
