@@ -66,13 +66,28 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
     return _mallopt(M_ARENA_MAX, arenas)
 
 
+class _Holders:
+    """The holders of `collector_held_off` inside, and whether the collector ran before."""
+
+    depth = 0
+    was_running = False
+
+
 @contextlib.contextmanager
 def collector_held_off() -> Iterator[None]:
-    """Hold CPython's cyclic garbage collector off inside; it runs again, if it ran, after."""
-    running = gc.isenabled()
-    gc.disable()
+    """Hold CPython's cyclic garbage collector off inside; it runs again, if it ran, after.
+
+    It stays off across the batch's awaits too (the broker's acknowledgements), which
+    last at most the producer's request timeout before the batch fails. Nested or
+    overlapping holders turn it back on only when the last one leaves.
+    """
+    if _Holders.depth == 0:
+        _Holders.was_running = gc.isenabled()
+        gc.disable()
+    _Holders.depth += 1
     try:
         yield
     finally:
-        if running:
+        _Holders.depth -= 1
+        if _Holders.depth == 0 and _Holders.was_running:
             gc.enable()

@@ -226,6 +226,8 @@ class PartitionStore:
         #: No idle-index key before this one is stored. Evictions and expiry delete the
         #: oldest keys, and a walk from the index's start would step over every one of
         #: their tombstones until a compaction drops them: walks start here instead.
+        #: Every idle-index key is put through `commit` (the pipeline's writes and the
+        #: changelog's), which lowers it for an older key.
         self._idle_floor = keys.IDLE
 
     def loader(self) -> Callable[[bytes], bytes | None]:
@@ -237,12 +239,15 @@ class PartitionStore:
 
         return load
 
-    def chunk_loader(self) -> Callable[[bytes, list[int]], list[bytes]]:
-        """Return a function giving the chunks of these indices of a session's pending bytes."""
-        get = self.db.get
+    def chunk_loader(self, *, going: bool = False) -> Callable[[bytes, list[int]], list[bytes]]:
+        """Return a function giving the chunks of these indices of a session's pending bytes.
+
+        `going`: of sessions about to go (evicted, expired), not kept in the block cache.
+        """
+        get, options = self.db.get, (_ONCE if going else None)
 
         def load_chunks(session_id: bytes, indices: list[int]) -> list[bytes]:
-            chunks = [get(keys.chunk_key(session_id, index)) for index in indices]
+            chunks = [get(keys.chunk_key(session_id, index), None, options) for index in indices]
             if any(chunk is None for chunk in chunks):
                 raise CorruptSessionState(f"chunks {indices} of the session are not all stored")
             return chunks
@@ -250,8 +255,11 @@ class PartitionStore:
         return load_chunks
 
     def pending(self, session_id: bytes, state: SessionState) -> bytes:
-        """Return all of a stored session's pending bytes, its chunks read back."""
-        return pending_of(session_id, state, {}, self.chunk_loader())
+        """Return all of a stored session's pending bytes, its chunks read back.
+
+        For sessions about to go (expired): their chunks are not kept in the block cache.
+        """
+        return pending_of(session_id, state, {}, self.chunk_loader(going=True))
 
     def session(self, session_id: bytes) -> SessionState | None:
         """Return a session's stored state, or None if it has none."""

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 SLICE_FRAGMENTS = 2_000
 #: Evictions read, and then taken, between two turns of the event loop.
 EVICTION_STEP = 2_000
+#: Eviction rounds for one batch: another when a rebalance took a round's evictions.
+EVICTION_ROUNDS = 3
 
 
 def _candidates(partition: int, idle: Iterator[tuple[int, bytes]]) -> Iterator[Candidate]:
@@ -277,14 +279,22 @@ class Pipeline:
         if self._drop_revoked(results, applied, owners):
             # The new owner reads these fragments again: the count of live sessions is
             # taken anew.
-            live = sum(self.live_sessions().values())
-            live += sum(result.live_delta for result in results.values())
+            live = self._live_after(results)
         evictions: dict[int, int] = {}
-        if live > settings.max_sessions and not reject:
-            evictions = await self._evict(results, live - settings.max_sessions, owners)
+        for _ in range(EVICTION_ROUNDS):
+            if reject or live <= settings.max_sessions:
+                break
+            evicted = await self._evict(results, live - settings.max_sessions, owners)
+            for partition, count in evicted.items():
+                evictions[partition] = evictions.get(partition, 0) + count
             # The eviction lets the event loop in: drop what a partition revoked meanwhile
-            # produced, with no await between this check and the sends (ChangeSet steps).
+            # produced, with no await between the last check and the sends (ChangeSet
+            # steps). A partition revoked meanwhile kept the sessions it was to lose: the
+            # count is taken anew, and the next round evicts elsewhere.
             self._drop_revoked(results, applied, owners)
+            live = self._live_after(results)
+            if not evicted:
+                break
 
         topics = self.topics
         change = ChangeSet(
@@ -322,23 +332,32 @@ class Pipeline:
             totals.dead_letters += len(result.dead_letters)
         await self.check_capacity()
 
+    def _live_after(self, results: dict[int, BatchResult]) -> int:
+        """Return the live sessions once these results are written."""
+        stored = sum(self.live_sessions().values())
+        return stored + sum(result.live_delta for result in results.values())
+
     def _drop_revoked(
         self,
         results: dict[int, BatchResult],
         applied: list[int],
         owners: dict[int, PartitionStore | None],
     ) -> bool:
-        """Drop the results of partitions revoked (or revoked and reopened) since `owners`.
+        """Drop what partitions revoked (or revoked and reopened) since `owners` produced.
 
-        Return whether any was dropped.
+        Their `owners` entries go too: a partition reopened holds no change of this batch
+        any more, and a later eviction round may take sessions from it. Return whether any
+        results were dropped.
         """
         store = self.store
-        revoked = [p for p in results if store.partition(p) is not owners[p]]
+        revoked = [p for p, opened in owners.items() if store.partition(p) is not opened]
+        dropped = False
         for partition in revoked:
-            del results[partition]
+            del owners[partition]
+            dropped = results.pop(partition, None) is not None or dropped
             if partition in applied:
                 applied.remove(partition)
-        return bool(revoked)
+        return dropped
 
     async def _evict(
         self,
@@ -355,7 +374,7 @@ class Pipeline:
         """
         store = self.store
         sources: dict[int, PartitionStore] = {}
-        for partition in self.active_partitions():
+        for partition in sorted({*self.active_partitions(), *results}):
             opened = store.partition(partition)
             if opened is not None and owners.setdefault(partition, opened) is opened:
                 sources[partition] = opened
@@ -399,7 +418,7 @@ class Pipeline:
                 read.update(
                     zip(((partition, sid) for sid in step), opened.states(step), strict=True)
                 )
-        loaders = {partition: opened.chunk_loader() for partition, opened in sources.items()}
+        loaders = {p: opened.chunk_loader(going=True) for p, opened in sources.items()}
         evictions: dict[int, int] = {}
         for start in range(0, len(chosen), EVICTION_STEP):
             await asyncio.sleep(0)

@@ -124,3 +124,13 @@ def test_a_collector_turned_off_elsewhere_stays_off() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_overlapping_holders_turn_the_collector_on_only_when_the_last_leaves() -> None:
+    first, second = collector_held_off(), collector_held_off()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()  # the second holder is still inside
+    second.__exit__(None, None, None)
+    assert gc.isenabled()

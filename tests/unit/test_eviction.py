@@ -1,13 +1,15 @@
 """Eviction at the cap, in steps that let the event loop in, against real RocksDB instances.
 
 No broker and no Faust worker: the pipeline's eviction reads two partitions' stores
-(rocksdict) and a rebalance is made to happen between two of its steps.
+(rocksdict) and a rebalance is made to happen between two of its steps. The broker is
+stood in for by a recorder of what is sent (the integration tests run the real one).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 import rocksdict
 from faust.types.tuples import TP
 
-from sessions_app.core.batch import BatchResult
+from sessions_app.core.batch import BatchResult, Fragment
 from sessions_app.core.session_state import SessionState
 from sessions_app.core.totals import PipelineTotals
 from sessions_app.engine.store import PartitionStore, prepare_write
@@ -49,9 +51,22 @@ class Stores:
         self.opened: dict[int, PartitionStore | None] = {
             partition: PartitionStore(db, OFFSET_KEY) for partition, db in dbs.items()
         }
+        #: A partition revoked and reopened as soon as its victims' states are read.
+        self.rebalance_on_read: int | None = None
 
     def partition(self, partition: int) -> PartitionStore | None:
-        return self.opened.get(partition)
+        opened = self.opened.get(partition)
+        if opened is not None and partition == self.rebalance_on_read:
+            states = opened.states
+
+            def read_then_rebalance(session_ids: Any) -> Any:
+                found = states(session_ids)
+                self.rebalance_on_read = None
+                self.revoke(partition, reopen=True)
+                return found
+
+            opened.states = read_then_rebalance  # type: ignore[method-assign]
+        return opened
 
     def open_partitions(self) -> set[int]:
         return {p for p, opened in self.opened.items() if opened is not None}
@@ -74,9 +89,42 @@ class App:
     consumer = Consumer()
 
 
+class Changelog:
+    def get_topic_name(self) -> str:
+        return "changelog"
+
+
 class Table:
     def __init__(self, stores: Stores) -> None:
         self.data = stores
+        self.changelog_topic = Changelog()
+
+
+class Acks:
+    def __init__(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.offsets = offsets
+
+    async def delivered(self) -> dict[tuple[str, int], int]:
+        return self.offsets
+
+
+class Delivery:
+    """Records what the pipeline sends; the broker takes everything."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, int, list[Any]]] = []
+
+    async def send(self, outputs: Any, dead_letters: Any = ()) -> Acks:
+        self.sent += [(topic, partition, list(records)) for topic, partition, records in outputs]
+        return Acks({})
+
+    async def hand_over(self, sends: Iterable[Any]) -> Acks:
+        return Acks({where: 0 for where, _ in sends})
+
+
+class Capacity:
+    async def update(self, live: int) -> None:
+        pass
 
 
 @pytest.fixture
@@ -97,15 +145,17 @@ def stores(tmp_path: Path) -> Iterator[Stores]:
             stores.dbs[partition].close()
 
 
-def pipeline_over(stores: Stores) -> Pipeline:
+def pipeline_over(
+    stores: Stores, settings: Settings = SETTINGS, delivery: Delivery | None = None
+) -> Pipeline:
     return Pipeline(
         app=App(),
-        settings=SETTINGS,
+        settings=settings,
         table=Table(stores),
         topics=SessionTopics(*(object() for _ in range(5))),
-        delivery=None,  # type: ignore[arg-type]
+        delivery=delivery,  # type: ignore[arg-type]
         totals=PipelineTotals(),
-        capacity=None,  # type: ignore[arg-type]
+        capacity=Capacity(),  # type: ignore[arg-type]
     )
 
 
@@ -164,11 +214,35 @@ def test_a_partition_revoked_during_eviction_loses_its_evictions_and_its_results
     assert pipeline._drop_revoked(results, applied, owners)
     assert set(results) == {0}
     assert applied == []
-    # Nothing was written: the sessions are all still stored.
-    if not reopened:
-        stores.dbs[1] = open_db(stores.root / "p1")
-        stores.opened[1] = PartitionStore(stores.dbs[1], OFFSET_KEY)
-    for partition in STORED:
-        opened = stores.partition(partition)
-        assert opened is not None
-        assert opened.live_count() == 2
+
+
+def test_the_cap_holds_when_a_rebalance_takes_an_eviction_round_s_victims(
+    stores: Stores,
+) -> None:
+    """Partition 1 is revoked and reopened while its victim is read: it keeps its session.
+
+    The batch opens two sessions in partition 0 at a cap of 4 (4 stored): a and c, the
+    longest idle, are to go. c's partition comes back, recovered, with c in it: another
+    round takes c from it again. The store ends at the cap, and every evicted session's
+    bytes are sent.
+    """
+    delivery = Delivery()
+    pipeline = pipeline_over(stores, dataclasses.replace(SETTINGS, max_sessions=4), delivery)
+    stores.rebalance_on_read = 1
+    batch = {0: [Fragment("in", 0, 0, b"e", b"e-tail"), Fragment("in", 0, 1, b"f", b"f-tail")]}
+    asyncio.run(pipeline.process(batch))
+    assert stores.rebalance_on_read is None  # the rebalance came
+    live = {p: opened.live_count() for p, opened in stores.opened.items() if opened is not None}
+    assert live == {0: 3, 1: 1}
+    assert pipeline.totals.sessions_evicted == 2
+    expired = [
+        (partition, record.key, record.value)
+        for topic, partition, records in delivery.sent
+        if topic is pipeline.topics.expired
+        for record in records
+    ]
+    assert expired == [(0, b"a", b"a-tail"), (1, b"c", b"c-tail")]
+    kept = {
+        p: [sid for _, sid in opened.oldest(5)] for p, opened in stores.opened.items() if opened
+    }
+    assert kept == {0: [b"b", b"e", b"f"], 1: [b"d"]}

@@ -90,6 +90,8 @@ def test_walks_start_past_the_evicted_yet_find_a_session_put_before_them(db: Any
     assert store.oldest(1) == [(100, b"a")]
     write(store, {b"a": None}, 1)  # evicted
     assert store.oldest(1) == [(200, b"b")]
+    # The next walk starts at b, past a's tombstone (what spares the walks at the cap).
+    assert store._idle_floor == keys.idle_key(200, b"b")
     write(store, {b"b": None}, 2)
     assert store.oldest(5) == [(300, b"c")]
     write(store, {b"old": state(50)}, 3)
