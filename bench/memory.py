@@ -280,7 +280,7 @@ def rate_hold(broker: EmbeddedBroker, workdir: Path, total: int, step: int) -> N
                 f"{mib(rss_bytes(app.pid)):>9}",
                 flush=True,
             )
-            if end == total:
+            if end <= total:
                 at_total = rate
         print(
             f"hold: rate at {total:,} is {at_total / first_rate:.2f}x the rate at {step:,}, "

@@ -267,7 +267,7 @@ class PartitionStore:
         return None if raw is None else SessionState.decode(raw)
 
     def states(self, session_ids: Sequence[bytes]) -> list[SessionState | None]:
-        """Return the stored states of sessions about to go (evicted), None for those without.
+        """Return the stored states of sessions about to go (evicted, expired), None if none.
 
         Their blocks are not kept in the block cache. (rocksdict's multi-get fills the
         cache whatever the read options it is given; point reads heed them, as fast.)

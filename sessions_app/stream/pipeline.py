@@ -14,6 +14,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -280,13 +281,12 @@ class Pipeline:
             # The new owner reads these fragments again: the count of live sessions is
             # taken anew.
             live = self._live_after(results)
-        evictions: dict[int, int] = {}
+        evictions: Counter[int] = Counter()
         for _ in range(EVICTION_ROUNDS):
             if reject or live <= settings.max_sessions:
                 break
             evicted = await self._evict(results, live - settings.max_sessions, owners)
-            for partition, count in evicted.items():
-                evictions[partition] = evictions.get(partition, 0) + count
+            evictions.update(evicted)
             # The eviction lets the event loop in: drop what a partition revoked meanwhile
             # produced, with no await between the last check and the sends (ChangeSet
             # steps). A partition revoked meanwhile kept the sessions it was to lose: the
@@ -322,7 +322,7 @@ class Pipeline:
         totals.fragments_consumed += batch_size
         totals.batches_applied += 1
         self.largest_batch = max(self.largest_batch, batch_size)
-        totals.sessions_evicted += sum(evictions.get(p, 0) for p in results)
+        totals.sessions_evicted += sum(evictions[p] for p in results)
         for result in results.values():
             totals.fragments_replayed += result.fragments_replayed
             totals.records_emitted += len(result.records)
@@ -364,7 +364,7 @@ class Pipeline:
         results: dict[int, BatchResult],
         how_many: int,
         owners: dict[int, PartitionStore | None],
-    ) -> dict[int, int]:
+    ) -> Counter[int]:
         """Expire the `how_many` longest-idle sessions, so the cap holds after the batch.
 
         Reads and victims go in steps of `EVICTION_STEP`, the event loop let in between;
@@ -409,9 +409,9 @@ class Pipeline:
                 unread.setdefault(partition, []).append(session_id)
         read: dict[tuple[int, bytes], SessionState | None] = {}
         for partition, session_ids in unread.items():
+            opened = sources[partition]
             for start in range(0, len(session_ids), EVICTION_STEP):
                 await asyncio.sleep(0)
-                opened = sources[partition]
                 if store.partition(partition) is not opened:
                     break  # revoked meanwhile: its results are dropped
                 step = session_ids[start : start + EVICTION_STEP]
@@ -419,7 +419,7 @@ class Pipeline:
                     zip(((partition, sid) for sid in step), opened.states(step), strict=True)
                 )
         loaders = {p: opened.chunk_loader(going=True) for p, opened in sources.items()}
-        evictions: dict[int, int] = {}
+        evictions: Counter[int] = Counter()
         for start in range(0, len(chosen), EVICTION_STEP):
             await asyncio.sleep(0)
             # Partitions revoked meanwhile lose their evictions: their results are dropped.
@@ -439,7 +439,7 @@ class Pipeline:
                 if pending:
                     evicted.expired.append(remnant(session_id, pending, victim.next_seq, "evicted"))
                 drop_chunks(session_id, victim, evicted.chunks)
-                evictions[partition] = evictions.get(partition, 0) + 1
+                evictions[partition] += 1
         return evictions
 
     async def commit(self, change: ChangeSet) -> None:
