@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -229,6 +230,10 @@ class PartitionStore:
         #: Every idle-index key is put through `commit` (the pipeline's writes and the
         #: changelog's), which lowers it for an older key.
         self._idle_floor = keys.IDLE
+        #: Held by each write: the pipeline's run in a thread of their own (RocksDB lets go
+        #: of the GIL while it writes), the changelog's (recovery, standbys) on the event
+        #: loop. A count read, changed and written must not meet another write meanwhile.
+        self._writing = threading.Lock()
 
     def loader(self) -> Callable[[bytes], bytes | None]:
         """Return a function giving a session's stored state, undecoded (None if none)."""
@@ -351,7 +356,14 @@ class PartitionStore:
         return self._count
 
     def commit(self, prepared: PreparedWrite, changelog_offset: int) -> None:
-        """Write a prepared batch with the new live count and the changelog offset it is at."""
+        """Write a prepared batch with the new live count and the changelog offset it is at.
+
+        May be called from another thread than the event loop's.
+        """
+        with self._writing:
+            self._commit(prepared, changelog_offset)
+
+    def _commit(self, prepared: PreparedWrite, changelog_offset: int) -> None:
         count = self.live_count() + prepared.delta
         batch = prepared.batch
         batch.put(keys.COUNT_KEY, keys.encode_count(count))
@@ -370,6 +382,10 @@ class PartitionStore:
         """
         if not records:
             return
+        with self._writing:  # the stored states read must stay those the write replaces
+            self._apply_changelog(records)
+
+    def _apply_changelog(self, records: Sequence[ChangelogRecord]) -> None:
         write = rocksdict.WriteBatch(raw_mode=True)
         put, delete = write.put, write.delete
         buffered = list(dict.fromkeys(r.key for r in records if r.key and r.key[:1] == keys.BUFFER))
@@ -400,7 +416,7 @@ class PartitionStore:
             else:
                 put(key, value)
         offset = records[-1].offset
-        self.commit(PreparedWrite(write, delta, lowest), offset)
+        self._commit(PreparedWrite(write, delta, lowest), offset)
 
     def table_readers_bytes(self) -> int:
         """Return the memory RocksDB's table readers hold (index and filter blocks)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -160,6 +161,43 @@ def test_changelog_records_rebuild_the_index_and_count(tmp_path: Path) -> None:
     assert rebuilt.db[OFFSET_KEY] == str(len(batches)).encode()
     for store in (source, rebuilt):
         store.db.close()
+
+
+def test_writes_from_a_thread_and_changelog_records_on_the_loop_keep_the_count(
+    tmp_path: Path,
+) -> None:
+    # The pipeline writes from a thread of its own while RocksDB lets go of the GIL; a
+    # standby's changelog records may be applied to the same instance meanwhile.
+    store = PartitionStore(open_db(tmp_path / "p2"), OFFSET_KEY)
+    prepared = []
+    for n in range(30):
+        writes: dict[bytes, SessionState | None] = {
+            b"w%d-%d" % (n, i): state(n * 10_000 + i) for i in range(2_000)
+        }
+        encoded = {sid: s.encode() for sid, s in writes.items() if s is not None}
+        prepared.append(prepare_write(writes, {}, encoded))
+    done = threading.Event()
+
+    def pipeline_writes() -> None:
+        for offset, batch in enumerate(prepared):
+            store.commit(batch, offset)
+        done.set()
+
+    writer = threading.Thread(target=pipeline_writes)
+    writer.start()
+    applied = 0
+    while not done.is_set():
+        sid = b"c%d" % applied
+        store.apply_changelog([Record(keys.buffer_key(sid), state(applied).encode(), applied)])
+        applied += 1
+    writer.join()
+    stored = sum(1 for _ in store.sessions())
+    assert stored == 30 * 2_000 + applied
+    assert store.live_count() == stored
+    store.db.close()
+    reopened = PartitionStore(open_db(tmp_path / "p2"), OFFSET_KEY)
+    assert reopened.live_count() == stored
+    reopened.db.close()
 
 
 def test_the_loader_reads_what_the_batch_core_decodes(db: Any) -> None:
