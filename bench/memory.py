@@ -114,6 +114,7 @@ def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
         )
         rows = []
         sent = 0
+        census: dict[str, object] = {}
         for step in steps:
             sessions = remnant_sessions("s", sent, step, REMNANT)
             seconds = asyncio.run(send_remnants(broker.bootstrap, "mem-in", sessions, b"\n"))
@@ -138,7 +139,7 @@ def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
                 f"(worker caught up {took:.0f}s after the send)",
                 flush=True,
             )
-            census_cost(app)
+            census = census_cost(app, census)
         if len(rows) >= 2:
             (n0, a0, d0), (n1, a1, d1) = rows[0], rows[1]
             ratio = (a1 - a0) / max(d1 - d0, 1)
@@ -153,8 +154,16 @@ def growth(broker: EmbeddedBroker, workdir: Path, steps: list[int]) -> None:
         dict_design.wait()
 
 
-def census_cost(app: WorkerProcess) -> None:
-    """Take a census of the worker's sessions; print its time, loop stalls and RSS change."""
+def census_cost(app: WorkerProcess, last: dict[str, object]) -> dict[str, object]:
+    """Take a census of the worker's sessions; print its time, loop stalls and RSS change.
+
+    The worker reuses a census for its minimum interval: wait until `last` (the census
+    taken before, or {}) is too old to be reused, so this one reads the sessions again.
+    Return it.
+    """
+    if last:
+        reusable_until = float(last["taken_at"]) + float(last["min_interval_seconds"])
+        time.sleep(max(reusable_until - time.time() + 0.5, 0))
     # The stall window is the last 10 s: wait until it no longer holds the load's batches.
     quiet = app.wait_until(
         lambda s: s["event_loop"]["max_stall_ms_last_10s"] < 50, "a quiet loop", 60, 0.5
@@ -179,6 +188,7 @@ def census_cost(app: WorkerProcess) -> None:
         f"RSS {mib(before)} -> {mib(rss_bytes(app.pid))}",
         flush=True,
     )
+    return result
 
 
 def expiry_stall(broker: EmbeddedBroker, workdir: Path, sessions: int, idle: float) -> None:
