@@ -88,6 +88,8 @@ class Result:
     cpu_per_100k: float
     output: int
     verdict: str
+    #: CPU seconds per 100k fragments inside the clock's window alone.
+    window_cpu_per_100k: float = float("nan")
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -97,14 +99,23 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+#: (monotonic time, offsets committed over all partitions, the contender's CPU seconds).
+Sample = tuple[float, int, float]
+
+
 async def watch_commits(
-    bootstrap: str, group: str, topic: str, total: int, alive: Callable[[], bool], timeout: float
-) -> list[tuple[float, int]]:
+    bootstrap: str,
+    group: str,
+    topic: str,
+    total: int,
+    alive: Callable[[], bool],
+    timeout: float,
+    cpu: Callable[[], float],
+) -> list[Sample]:
     """Read `group`'s committed offsets of `topic` until they cover `total` records.
 
-    Returns (monotonic time, offsets committed over all partitions) samples,
-    CLOCK_PERIOD apart. One consumer, which never joins the group, asks the
-    coordinator: it costs the contender nothing.
+    Returns samples CLOCK_PERIOD apart. One consumer, which never joins the group,
+    asks the coordinator, and `cpu` reads /proc: it costs the contender nothing.
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -112,7 +123,7 @@ async def watch_commits(
         bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
     )
     await consumer.start()
-    samples: list[tuple[float, int]] = []
+    samples: list[Sample] = []
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         deadline = time.monotonic() + timeout
@@ -120,26 +131,41 @@ async def watch_commits(
             if time.monotonic() > deadline or not alive():
                 raise TimeoutError(f"{group}: {samples[-1][1] if samples else 0} of {total}")
             committed = sum([await consumer.committed(tp) or 0 for tp in tps])
-            samples.append((time.monotonic(), committed))
+            samples.append((time.monotonic(), committed, cpu()))
             await asyncio.sleep(CLOCK_PERIOD)
     finally:
         await consumer.stop()
     return samples
 
 
-def commit_rate(samples: list[tuple[float, int]]) -> float:
-    """Records per second between the first commit step and the last before the final one.
+def commit_window(samples: list[Sample]) -> tuple[Sample, Sample]:
+    """Return the samples of the first commit step and of the last before the final one.
 
     A step is a sample whose committed total is higher than the one before. The
     final step may come up to a commit interval after the contender ran out of
     input, so the window ends at the step before it: the contender was busy
     throughout.
     """
-    steps = [(at, seen) for (_, before), (at, seen) in itertools.pairwise(samples) if seen > before]
+    steps = [after for before, after in itertools.pairwise(samples) if after[1] > before[1]]
     if len(steps) < 3:
         raise ValueError(f"only {len(steps)} commit steps: give the contender more input")
-    (t0, n0), (t1, n1) = steps[0], steps[-2]
+    return steps[0], steps[-2]
+
+
+def commit_rate(samples: list[Sample]) -> float:
+    """Records per second in the commit window."""
+    (t0, n0, _), (t1, n1, _) = commit_window(samples)
     return (n1 - n0) / (t1 - t0)
+
+
+def window_cpu(samples: list[Sample]) -> float:
+    """The contender's CPU seconds per 100k records in the commit window.
+
+    Against the rate's, its spread across rounds tells the contender's own variation
+    (more work per record) from the machine's (less CPU to be had, or slower).
+    """
+    (_, n0, c0), (_, n1, c1) = commit_window(samples)
+    return (c1 - c0) / (n1 - n0) * 100_000
 
 
 def read_all(bootstrap: str, topic: str) -> tuple[int, dict[bytes, list[bytes]]]:
@@ -289,6 +315,13 @@ class Bench:
                         stderr=subprocess.STDOUT,
                     )
                 )
+
+        def contender_cpu() -> float:
+            try:
+                return sum(cpu_seconds(child_pid(p.pid) if profiled else p.pid) for p in processes)
+            except (OSError, IndexError, ValueError):  # not started yet, or gone
+                return float("nan")
+
         try:
             samples = asyncio.run(
                 watch_commits(
@@ -298,6 +331,7 @@ class Bench:
                     self.fragments,
                     lambda: all(p.poll() is None for p in processes),
                     1800,
+                    contender_cpu,
                 )
             )
             pids = [child_pid(p.pid) if profiled else p.pid for p in processes]
@@ -335,7 +369,9 @@ class Bench:
             rate = commit_rate(samples)
         except ValueError as exc:
             return Result(name, 0.0, cpu / self.fragments * 100_000, output, f"FAILED: {exc}")
-        return Result(name, rate, cpu / self.fragments * 100_000, output, verdict)
+        return Result(
+            name, rate, cpu / self.fragments * 100_000, output, verdict, window_cpu(samples)
+        )
 
 
 def main() -> None:
@@ -367,7 +403,8 @@ def main() -> None:
                 results.append(result)
                 print(
                     f"{name:<17}{result.fragments_per_s:>10,.0f} fragments/s"
-                    f"{result.cpu_per_100k:>8.1f} CPU s/100k  {result.output:>9,} out  "
+                    f"{result.cpu_per_100k:>8.1f} CPU s/100k"
+                    f" ({result.window_cpu_per_100k:.2f} in the window)  {result.output:>9,} out  "
                     f"{result.verdict}",
                     flush=True,
                 )
@@ -384,9 +421,13 @@ def main() -> None:
             rate = statistics.median(rates)
             cpu = statistics.median(r.cpu_per_100k for r in of_name)
             spread = (max(rates) - min(rates)) / rate if rate else float("nan")
+            windows = [r.window_cpu_per_100k for r in of_name]
+            window = statistics.median(windows)
+            cpu_spread = (max(windows) - min(windows)) / window if window else float("nan")
             print(
                 f"{name:<17}{rate:>10,.0f} fragments/s{cpu:>8.1f} CPU s/100k"
-                f"  spread {spread:4.0%}  ({', '.join(f'{r:,.0f}' for r in rates)})"
+                f"  spread {spread:4.0%}  ({', '.join(f'{r:,.0f}' for r in rates)});"
+                f" CPU in the window {window:.2f} s/100k, spread {cpu_spread:4.0%}"
             )
     ours = [n for n in runs if n.startswith("sessions-app")]
     pairs = [(a, b) for a in ours for b in runs if not b.startswith("sessions-app")]
