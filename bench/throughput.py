@@ -56,7 +56,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.breakdown import breakdown, report
@@ -88,8 +88,12 @@ class Result:
     cpu_per_100k: float
     output: int
     verdict: str
-    #: CPU seconds per 100k fragments inside the clock's window alone.
-    window_cpu_per_100k: float = float("nan")
+    #: CPU seconds per 100k fragments inside the clock's window alone, per thread group.
+    window_cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def window_cpu_per_100k(self) -> float:
+        return sum(self.window_cpu.values()) if self.window_cpu else float("nan")
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -99,8 +103,23 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-#: (monotonic time, offsets committed over all partitions, the contender's CPU seconds).
-Sample = tuple[float, int, float]
+def thread_groups(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads: its main thread, RocksDB's, and the others."""
+    groups = {"main": 0.0, "rocksdb": 0.0, "other": 0.0}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            with open(f"/proc/{pid}/task/{task}/comm") as comm:
+                name = comm.read()
+            group = (
+                "main" if int(task) == pid else "rocksdb" if name.startswith("rocksdb") else "other"
+            )
+            groups[group] += cpu_seconds(pid, int(task))
+    return groups
+
+
+#: (monotonic time, offsets committed over all partitions, the contender's CPU seconds
+#: per thread group).
+Sample = tuple[float, int, dict[str, float]]
 
 
 async def watch_commits(
@@ -110,7 +129,7 @@ async def watch_commits(
     total: int,
     alive: Callable[[], bool],
     timeout: float,
-    cpu: Callable[[], float],
+    cpu: Callable[[], dict[str, float]],
 ) -> list[Sample]:
     """Read `group`'s committed offsets of `topic` until they cover `total` records.
 
@@ -158,14 +177,14 @@ def commit_rate(samples: list[Sample]) -> float:
     return (n1 - n0) / (t1 - t0)
 
 
-def window_cpu(samples: list[Sample]) -> float:
-    """The contender's CPU seconds per 100k records in the commit window.
+def window_cpu(samples: list[Sample]) -> dict[str, float]:
+    """The contender's CPU seconds per 100k records in the commit window, per thread group.
 
     Against the rate's, its spread across rounds tells the contender's own variation
     (more work per record) from the machine's (less CPU to be had, or slower).
     """
     (_, n0, c0), (_, n1, c1) = commit_window(samples)
-    return (c1 - c0) / (n1 - n0) * 100_000
+    return {group: (c1[group] - c0.get(group, 0.0)) / (n1 - n0) * 100_000 for group in c1}
 
 
 def read_all(bootstrap: str, topic: str) -> tuple[int, dict[bytes, list[bytes]]]:
@@ -316,11 +335,14 @@ class Bench:
                     )
                 )
 
-        def contender_cpu() -> float:
+        def contender_cpu() -> dict[str, float]:
+            total: Counter[str] = Counter()
             try:
-                return sum(cpu_seconds(child_pid(p.pid) if profiled else p.pid) for p in processes)
+                for process in processes:
+                    total.update(thread_groups(child_pid(process.pid) if profiled else process.pid))
             except (OSError, IndexError, ValueError):  # not started yet, or gone
-                return float("nan")
+                return {}
+            return dict(total)
 
         try:
             samples = asyncio.run(
@@ -404,7 +426,9 @@ def main() -> None:
                 print(
                     f"{name:<17}{result.fragments_per_s:>10,.0f} fragments/s"
                     f"{result.cpu_per_100k:>8.1f} CPU s/100k"
-                    f" ({result.window_cpu_per_100k:.2f} in the window)  {result.output:>9,} out  "
+                    f" ({result.window_cpu_per_100k:.2f} in the window: "
+                    + ", ".join(f"{g} {c:.2f}" for g, c in result.window_cpu.items())
+                    + f")  {result.output:>9,} out  "
                     f"{result.verdict}",
                     flush=True,
                 )
@@ -428,6 +452,12 @@ def main() -> None:
                 f"{name:<17}{rate:>10,.0f} fragments/s{cpu:>8.1f} CPU s/100k"
                 f"  spread {spread:4.0%}  ({', '.join(f'{r:,.0f}' for r in rates)});"
                 f" CPU in the window {window:.2f} s/100k, spread {cpu_spread:4.0%}"
+            )
+            groups = {g: [r.window_cpu.get(g, 0.0) for r in of_name] for g in of_name[0].window_cpu}
+            print(
+                " " * 17
+                + "  CPU in the window by thread: "
+                + ", ".join(f"{g} {min(c):.2f}-{max(c):.2f}" for g, c in groups.items())
             )
     ours = [n for n in runs if n.startswith("sessions-app")]
     pairs = [(a, b) for a in ours for b in runs if not b.startswith("sessions-app")]
