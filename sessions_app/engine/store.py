@@ -355,13 +355,28 @@ class PartitionStore:
             self._count = keys.decode_count(self.db.get(keys.COUNT_KEY))
         return self._count
 
-    def commit(self, prepared: PreparedWrite, changelog_offset: int) -> None:
+    def commit(
+        self, prepared: PreparedWrite, changelog_offset: int, first_offset: int | None = None
+    ) -> bool:
         """Write a prepared batch with the new live count and the changelog offset it is at.
 
-        May be called from another thread than the event loop's.
+        May be called from another thread than the event loop's. `first_offset` is that
+        of the change's first changelog record: if the instance has the changelog that
+        far already, nothing is written and False returned. A partition that stayed on
+        this worker through a rebalance is recovered from the changelog, this change's
+        records included, and recovery may come first; the change's counts, reckoned
+        against the states before it, would count it twice.
         """
         with self._writing:
+            if first_offset is not None and self.changelog_offset() >= first_offset:
+                return False
             self._commit(prepared, changelog_offset)
+            return True
+
+    def changelog_offset(self) -> int:
+        """Return the offset of the last changelog record the instance has, -1 for none."""
+        stored = self.db.get(self._offset_key)
+        return -1 if stored is None else int(stored)
 
     def _commit(self, prepared: PreparedWrite, changelog_offset: int) -> None:
         count = self.live_count() + prepared.delta

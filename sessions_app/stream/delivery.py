@@ -33,6 +33,8 @@ class InFlight:
 
     batches: list[tuple[tuple[str, int], int, Any]] = field(default_factory=list)
     singles: list[Any] = field(default_factory=list)
+    #: Once delivered: each (topic, partition)'s first offset.
+    first: dict[tuple[str, int], int] = field(default_factory=dict)
 
     async def delivered(self) -> dict[tuple[str, int], int]:
         """Wait until the broker has every record; return each (topic, partition)'s last offset."""
@@ -41,6 +43,7 @@ class InFlight:
         last: dict[tuple[str, int], int] = {}
         for (where, count, _), metadata in zip(self.batches, acked, strict=True):
             last[where] = max(last.get(where, -1), metadata.offset + count - 1)
+            self.first[where] = min(self.first.get(where, metadata.offset), metadata.offset)
         return last
 
 

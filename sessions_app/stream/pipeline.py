@@ -1,10 +1,11 @@
 """Apply, send, persist: the one path every change to the session buffers takes.
 
 The agent's batches, idle expiry and eviction all build a ChangeSet and take
-it through `Pipeline.commit`, under one lock, in the order of README's
-delivery guarantee: outputs delivered, then the changelog delivered, then
-one RocksDB write batch per partition, and only then the input offsets'
-commit (the agent's ack).
+it through `Pipeline.deliver` and the RocksDB writes it starts (`commit`
+does both), under one lock, in the order of README's delivery guarantee:
+outputs delivered, then the changelog delivered, then one RocksDB write
+batch per partition, in a thread, and only then the input offsets' commit
+(the agent's ack, once the future `process` returns is done).
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ EVICTION_ROUNDS = 3
 def _candidates(partition: int, idle: Iterator[tuple[int, bytes]]) -> Iterator[Candidate]:
     """Return a partition's idle index as eviction candidates, in the same order."""
     return ((last_seen, partition, session_id) for last_seen, session_id in idle)
+
+
+def _written_or_refused(
+    opened: PartitionStore, prepared: PreparedWrite, last: int, first: int | None
+) -> bool | Exception:
+    """Write a partition's batch (in a thread); return what RocksDB refused it with, if it did.
+
+    Only RocksDB's refusal is a store failure: the executor's own errors are raised.
+    """
+    try:
+        return opened.commit(prepared, last, first)
+    except Exception as exc:
+        return exc
 
 
 class StoreRefused(RuntimeError):
@@ -244,8 +258,14 @@ class Pipeline:
                 live[partition] = opened.live_count()
         return live
 
-    async def process(self, consumed: ByPartition) -> None:
-        """Apply one batch of consumed fragments, then send and persist what it produced."""
+    async def process(self, consumed: ByPartition) -> asyncio.Future[None]:
+        """Apply one batch of consumed fragments, send what it produced, start persisting it.
+
+        Returns once the broker has the batch's outputs and changelog, with the RocksDB
+        writes under way: the returned future is done once they are and the batch is
+        counted. The caller holds the lock until then, and acks the input only then; it
+        may wait for the next batch's fetches meanwhile.
+        """
         settings = self.settings
         store = self.store
         now_us = self.clock.stamp(int(time.time() * 1_000_000), fragments_in(consumed))
@@ -311,8 +331,21 @@ class Pipeline:
             + [(topics.expired, p, r.expired) for p, r in results.items()],
             [letter for r in results.values() for letter in r.dead_letters],
         )
-        await self.commit(change)
-        # Counted once delivered and persisted: a total seen in the stats is done.
+        written = await self.deliver(change)
+        return asyncio.ensure_future(
+            self._count_batch(written, consumed, applied, results, evictions)
+        )
+
+    async def _count_batch(
+        self,
+        written: asyncio.Future[None],
+        consumed: ByPartition,
+        applied: list[int],
+        results: dict[int, BatchResult],
+        evictions: Counter[int],
+    ) -> None:
+        """Count a batch once its writes are done: a total seen in the stats is done."""
+        await written
         totals = self.totals
         batch_size = sum(len(consumed[p]) for p in applied)
         now = time.time()
@@ -443,7 +476,11 @@ class Pipeline:
         return evictions
 
     async def commit(self, change: ChangeSet) -> None:
-        """Take a change set through its steps, in the order of README's delivery guarantee.
+        """Take a change set through its steps, in the order of README's delivery guarantee."""
+        await (await self.deliver(change))
+
+    async def deliver(self, change: ChangeSet) -> asyncio.Future[None]:
+        """Take a change set through steps 1 and 2 and start step 3: return its future.
 
         Work that needs no broker (encoding, building write batches) is done while
         the broker acknowledges the step before.
@@ -471,9 +508,24 @@ class Pipeline:
             await asyncio.sleep(0)
             batches[partition] = change.write_batch(partition)
         offsets = {p: offset for (_, p), offset in (await logged.delivered()).items()}
+        firsts = {p: offset for (_, p), offset in logged.first.items()}
         change.logged()
-        # 3. One atomic RocksDB write per partition, with the changelog offset it reached.
-        #    Partitions that lose sessions first, so the cap holds even between two writes.
+        # 3. The RocksDB writes, in a task: the agent fetches its next batch meanwhile.
+        return asyncio.ensure_future(self._write(change, batches, offsets, firsts, owners))
+
+    async def _write(
+        self,
+        change: ChangeSet,
+        batches: dict[int, PreparedWrite],
+        offsets: dict[int, int],
+        firsts: dict[int, int],
+        owners: dict[int, PartitionStore | None],
+    ) -> None:
+        """Step 3: one atomic RocksDB write per partition, with the changelog offset it reached.
+
+        Partitions that lose sessions first, so the cap holds even between two writes.
+        """
+        store = self.store
         for partition in sorted(offsets, key=lambda p: batches[p].delta):
             opened = store.partition(partition)
             if opened is None or opened is not owners[partition]:
@@ -481,18 +533,28 @@ class Pipeline:
                     "Partition %d revoked before its write; left to the changelog", partition
                 )
                 continue
-            try:
-                # RocksDB lets go of the GIL while it writes: the event loop runs meanwhile
-                # (the lock keeps other changes out) rather than stall for tens of ms.
-                await asyncio.to_thread(opened.commit, batches[partition], offsets[partition])
-            except Exception as exc:
-                self.store_failure = StoreFailure(str(exc), time.time())
+            # RocksDB lets go of the GIL while it writes: the event loop runs meanwhile (the
+            # lock keeps other changes out) rather than stall for tens of ms.
+            written = await asyncio.to_thread(
+                _written_or_refused,
+                opened,
+                batches[partition],
+                offsets[partition],
+                firsts.get(partition),
+            )
+            if isinstance(written, Exception):
+                self.store_failure = StoreFailure(str(written), time.time())
                 logger.error(
                     "The session store refuses writes (%s): applying stops; the changelog "
                     "holds every change for the worker that recovers it",
-                    exc,
+                    written,
                 )
-                raise StoreRefused(str(exc)) from exc
+                raise StoreRefused(str(written)) from written
+            if not written:
+                logger.info(
+                    "Partition %d recovered this change from the changelog before its write",
+                    partition,
+                )
         change.committed()
         # 4. The caller acks the input offsets: Faust commits them only now.
 

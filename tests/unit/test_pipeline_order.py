@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -33,6 +33,7 @@ class Acks:
     log: list[str]
     fail: str | None
     reopen: Callable[[], None] | None = None
+    first: dict[tuple[str, int], int] = field(default_factory=dict)
 
     async def delivered(self) -> dict[tuple[str, int], int]:
         if self.fail == self.what:
@@ -62,8 +63,9 @@ class Partition:
     def __init__(self, log: list[str]) -> None:
         self.log = log
 
-    def commit(self, prepared: Any, changelog_offset: int) -> None:
+    def commit(self, prepared: Any, changelog_offset: int, first_offset: int | None) -> bool:
         self.log.append(f"rocksdb written at changelog offset {changelog_offset}")
+        return True
 
 
 class Store:

@@ -179,9 +179,11 @@ def test_writes_from_a_thread_and_changelog_records_on_the_loop_keep_the_count(
     done = threading.Event()
 
     def pipeline_writes() -> None:
-        for offset, batch in enumerate(prepared):
-            store.commit(batch, offset)
-        done.set()
+        try:
+            for offset, batch in enumerate(prepared):
+                store.commit(batch, offset)
+        finally:
+            done.set()
 
     writer = threading.Thread(target=pipeline_writes)
     writer.start()
@@ -191,6 +193,7 @@ def test_writes_from_a_thread_and_changelog_records_on_the_loop_keep_the_count(
         store.apply_changelog([Record(keys.buffer_key(sid), state(applied).encode(), applied)])
         applied += 1
     writer.join()
+    assert applied > 0  # changelog records came in while the thread wrote
     stored = sum(1 for _ in store.sessions())
     assert stored == 30 * 2_000 + applied
     assert store.live_count() == stored
@@ -198,6 +201,35 @@ def test_writes_from_a_thread_and_changelog_records_on_the_loop_keep_the_count(
     reopened = PartitionStore(open_db(tmp_path / "p2"), OFFSET_KEY)
     assert reopened.live_count() == stored
     reopened.db.close()
+
+
+def test_a_change_recovered_from_the_changelog_before_its_write_is_not_written_again(
+    db: Any,
+) -> None:
+    # A partition stays on this worker through a rebalance: recovery applies the change's
+    # changelog records (offsets 5-6) before the pipeline's write of the same change.
+    store = PartitionStore(db, OFFSET_KEY)
+    write(store, {b"a": state(10)}, changelog_offset=4)
+    writes: dict[bytes, SessionState | None] = {b"b": state(20), b"c": state(30)}
+    before = {sid: store.session(sid) for sid in writes}
+    encoded = {sid: s.encode() for sid, s in writes.items() if s is not None}
+    store.apply_changelog(
+        [
+            Record(keys.buffer_key(sid), value, 5 + i)
+            for i, (sid, value) in enumerate(encoded.items())
+        ]
+    )
+    assert store.live_count() == 3
+    prepared = prepare_write(writes, before, encoded)
+    assert not store.commit(prepared, changelog_offset=6, first_offset=5)
+    assert store.live_count() == 3
+    assert store.oldest(10) == [(10, b"a"), (20, b"b"), (30, b"c")]
+    # The next change, past what recovery applied, is written.
+    later = {b"d": state(40)}
+    prepared = prepare_write(later, {b"d": None}, {b"d": state(40).encode()})
+    assert store.commit(prepared, changelog_offset=7, first_offset=7)
+    assert store.live_count() == 4
+    assert store.changelog_offset() == 7
 
 
 def test_the_loader_reads_what_the_batch_core_decodes(db: Any) -> None:
