@@ -1,11 +1,10 @@
 """Apply, send, persist: the one path every change to the session buffers takes.
 
 The agent's batches, idle expiry and eviction all build a ChangeSet and take
-it through `Pipeline.deliver` and the RocksDB writes it starts (`commit`
-does both), under one lock, in the order of README's delivery guarantee:
-outputs delivered, then the changelog delivered, then one RocksDB write
-batch per partition, in a thread, and only then the input offsets' commit
-(the agent's ack, once the future `process` returns is done).
+it through `Pipeline.commit`, under one lock, in the order of README's
+delivery guarantee: outputs delivered, then the changelog delivered, then
+one RocksDB write batch per partition (in a thread), and only then the
+input offsets' commit (the agent's ack).
 """
 
 from __future__ import annotations
@@ -258,14 +257,8 @@ class Pipeline:
                 live[partition] = opened.live_count()
         return live
 
-    async def process(self, consumed: ByPartition) -> asyncio.Future[None]:
-        """Apply one batch of consumed fragments, send what it produced, start persisting it.
-
-        Returns once the broker has the batch's outputs and changelog, with the RocksDB
-        writes under way: the returned future is done once they are and the batch is
-        counted. The caller holds the lock until then, and acks the input only then; it
-        may wait for the next batch's fetches meanwhile.
-        """
+    async def process(self, consumed: ByPartition) -> None:
+        """Apply one batch of consumed fragments, then send and persist what it produced."""
         settings = self.settings
         store = self.store
         now_us = self.clock.stamp(int(time.time() * 1_000_000), fragments_in(consumed))
@@ -331,21 +324,8 @@ class Pipeline:
             + [(topics.expired, p, r.expired) for p, r in results.items()],
             [letter for r in results.values() for letter in r.dead_letters],
         )
-        written = await self.deliver(change)
-        return asyncio.ensure_future(
-            self._count_batch(written, consumed, applied, results, evictions)
-        )
-
-    async def _count_batch(
-        self,
-        written: asyncio.Future[None],
-        consumed: ByPartition,
-        applied: list[int],
-        results: dict[int, BatchResult],
-        evictions: Counter[int],
-    ) -> None:
-        """Count a batch once its writes are done: a total seen in the stats is done."""
-        await written
+        await self.commit(change)
+        # Counted once delivered and persisted: a total seen in the stats is done.
         totals = self.totals
         batch_size = sum(len(consumed[p]) for p in applied)
         now = time.time()
@@ -476,11 +456,7 @@ class Pipeline:
         return evictions
 
     async def commit(self, change: ChangeSet) -> None:
-        """Take a change set through its steps, in the order of README's delivery guarantee."""
-        await (await self.deliver(change))
-
-    async def deliver(self, change: ChangeSet) -> asyncio.Future[None]:
-        """Take a change set through steps 1 and 2 and start step 3: return its future.
+        """Take a change set through its steps, in the order of README's delivery guarantee.
 
         Work that needs no broker (encoding, building write batches) is done while
         the broker acknowledges the step before.
@@ -510,22 +486,8 @@ class Pipeline:
         offsets = {p: offset for (_, p), offset in (await logged.delivered()).items()}
         firsts = {p: offset for (_, p), offset in logged.first.items()}
         change.logged()
-        # 3. The RocksDB writes, in a task: the agent fetches its next batch meanwhile.
-        return asyncio.ensure_future(self._write(change, batches, offsets, firsts, owners))
-
-    async def _write(
-        self,
-        change: ChangeSet,
-        batches: dict[int, PreparedWrite],
-        offsets: dict[int, int],
-        firsts: dict[int, int],
-        owners: dict[int, PartitionStore | None],
-    ) -> None:
-        """Step 3: one atomic RocksDB write per partition, with the changelog offset it reached.
-
-        Partitions that lose sessions first, so the cap holds even between two writes.
-        """
-        store = self.store
+        # 3. One atomic RocksDB write per partition, with the changelog offset it reached.
+        #    Partitions that lose sessions first, so the cap holds even between two writes.
         for partition in sorted(offsets, key=lambda p: batches[p].delta):
             opened = store.partition(partition)
             if opened is None or opened is not owners[partition]:

@@ -231,11 +231,7 @@ def test_the_cap_holds_when_a_rebalance_takes_an_eviction_round_s_victims(
     pipeline = pipeline_over(stores, dataclasses.replace(SETTINGS, max_sessions=4), delivery)
     stores.rebalance_on_read = 1
     batch = {0: [Fragment("in", 0, 0, b"e", b"e-tail"), Fragment("in", 0, 1, b"f", b"f-tail")]}
-
-    async def applied_and_written() -> None:
-        await (await pipeline.process(batch))
-
-    asyncio.run(applied_and_written())
+    asyncio.run(pipeline.process(batch))
     assert stores.rebalance_on_read is None  # the rebalance came
     live = {p: opened.live_count() for p, opened in stores.opened.items() if opened is not None}
     assert live == {0: 3, 1: 1}
