@@ -25,7 +25,10 @@ the input, over that time: start-up, the wait for the first commit and the
 idle time before the last one don't count, and every contender was busy
 all along. Every contender's output is checked against the input: each
 session's records, byte for byte and in order. CPU is the contender's user
-+ system seconds per 100k fragments, start-up included.
++ system seconds per 100k fragments, start-up included; and inside the
+clock's window alone, per thread group, beside the broker's CPU per 100k
+fragments and how busy the machine's CPUs were (from /proc/stat): a
+contender that gets less of the machine than another shows it there.
 
     .venv/bin/python -m bench.throughput [--sessions 50000] [--only dict,sessions-app] [--rounds 3]
 
@@ -90,10 +93,14 @@ class Result:
     verdict: str
     #: CPU seconds per 100k fragments inside the clock's window alone, per thread group.
     window_cpu: dict[str, float] = field(default_factory=dict)
+    #: How busy the machine's CPUs were in the clock's window, 1.0 = all of them.
+    machine_busy: float = float("nan")
 
     @property
     def window_cpu_per_100k(self) -> float:
-        return sum(self.window_cpu.values()) if self.window_cpu else float("nan")
+        """The contender's own CPU in the window: its thread groups, not the machine's."""
+        own = [c for g, c in self.window_cpu.items() if g not in BESIDE]
+        return sum(own) if own else float("nan")
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -101,6 +108,19 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: Groups of a sample's CPU that are not the contender's: the broker's process, and
+#: every CPU of the machine (busy seconds, whoever used them).
+BESIDE = ("broker", "machine")
+
+
+def machine_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot, all CPUs, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(f) for f in stat.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_groups(pid: int) -> dict[str, float]:
@@ -189,6 +209,12 @@ def window_cpu(samples: list[Sample]) -> dict[str, float]:
     """
     (_, n0, c0), (_, n1, c1) = commit_window(samples)
     return {group: (c1[group] - c0.get(group, 0.0)) / (n1 - n0) * 100_000 for group in c1}
+
+
+def machine_busy(samples: list[Sample]) -> float:
+    """The share of the machine's CPUs that were busy in the commit window, by anyone."""
+    (t0, _, c0), (t1, _, c1) = commit_window(samples)
+    return (c1["machine"] - c0["machine"]) / (t1 - t0) / (os.cpu_count() or 1)
 
 
 def read_all(bootstrap: str, topic: str) -> tuple[int, dict[bytes, list[bytes]]]:
@@ -339,13 +365,18 @@ class Bench:
                     )
                 )
 
+        broker = self.broker.process
+        assert broker is not None
+
         def contender_cpu() -> dict[str, float]:
             total: Counter[str] = Counter()
             try:
                 for process in processes:
                     total.update(thread_groups(child_pid(process.pid) if profiled else process.pid))
+                total["broker"] = cpu_seconds(broker.pid)
             except (OSError, IndexError, ValueError):  # not started yet, or gone
                 return {}
+            total["machine"] = machine_busy_seconds()
             return dict(total)
 
         try:
@@ -396,7 +427,13 @@ class Bench:
         except ValueError as exc:
             return Result(name, 0.0, cpu / self.fragments * 100_000, output, f"FAILED: {exc}")
         return Result(
-            name, rate, cpu / self.fragments * 100_000, output, verdict, window_cpu(samples)
+            name,
+            rate,
+            cpu / self.fragments * 100_000,
+            output,
+            verdict,
+            window_cpu(samples),
+            machine_busy(samples),
         )
 
 
@@ -431,8 +468,10 @@ def main() -> None:
                     f"{name:<17}{result.fragments_per_s:>10,.0f} fragments/s"
                     f"{result.cpu_per_100k:>8.1f} CPU s/100k"
                     f" ({result.window_cpu_per_100k:.2f} in the window: "
-                    + ", ".join(f"{g} {c:.2f}" for g, c in result.window_cpu.items())
-                    + f")  {result.output:>9,} out  "
+                    + ", ".join(
+                        f"{g} {c:.2f}" for g, c in result.window_cpu.items() if g != "machine"
+                    )
+                    + f"; machine busy {result.machine_busy:.0%})  {result.output:>9,} out  "
                     f"{result.verdict}",
                     flush=True,
                 )
@@ -457,11 +496,17 @@ def main() -> None:
                 f"  spread {spread:4.0%}  ({', '.join(f'{r:,.0f}' for r in rates)});"
                 f" CPU in the window {window:.2f} s/100k, spread {cpu_spread:4.0%}"
             )
-            groups = {g: [r.window_cpu.get(g, 0.0) for r in of_name] for g in of_name[0].window_cpu}
+            groups = {
+                g: [r.window_cpu.get(g, 0.0) for r in of_name]
+                for g in of_name[0].window_cpu
+                if g != "machine"
+            }
+            busy = [r.machine_busy for r in of_name]
             print(
                 " " * 17
                 + "  CPU in the window by thread: "
                 + ", ".join(f"{g} {min(c):.2f}-{max(c):.2f}" for g, c in groups.items())
+                + f"; machine busy {min(busy):.0%}-{max(busy):.0%}"
             )
     ours = [n for n in runs if n.startswith("sessions-app")]
     pairs = [(a, b) for a in ours for b in runs if not b.startswith("sessions-app")]
