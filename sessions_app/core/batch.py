@@ -127,6 +127,9 @@ class InvalidSessionKey(ValueError):
 
 
 _EMPTY = SessionState()
+#: Builds a NamedTuple from its fields, all given, without its Python-level __new__: the
+#: common path builds a state and an output record per fragment.
+_new = tuple.__new__
 
 
 class CapacityReached(RuntimeError):
@@ -254,13 +257,13 @@ class PartitionBatch:
         before = result.before
         writes = result.writes
         out = result.records
-        load, load_chunks, decode = self._load, self._load_chunks, SessionState.decode
+        load, load_chunks, decode, new = self._load, self._load_chunks, SessionState.decode, _new
         delimiter, max_buffer_bytes, inline_limit = self._delimiter, self._cap, self._inline_limit
         may_open, applied_through = self._may_open, self._watermark
         live_delta = self._live_delta
         applied = result.applied_through
         for position, fragment in enumerate(fragments):
-            offset = fragment.offset
+            _, _, offset, key, value = fragment
             if offset <= applied_through:
                 # Redelivered after a crash or rebalance: applied already, whatever became
                 # of its session since.
@@ -268,7 +271,6 @@ class PartitionBatch:
                 continue
             if offset > applied:
                 applied = offset
-            key = fragment.key
             if not key or len(key) > MAX_SESSION_ID_BYTES:
                 what = (
                     f"a {'null' if key is None else 'empty'} key; the key must be the session ID"
@@ -304,7 +306,7 @@ class PartitionBatch:
                 result.fragments_replayed += 1
                 continue
             try:
-                if fragment.value is None:
+                if value is None:
                     if state is not None:
                         pending = pending_of(key, state, result.chunks, load_chunks)
                         result.sessions_closed += 1
@@ -324,7 +326,7 @@ class PartitionBatch:
                     state = _EMPTY
                     result.sessions_opened += 1
                     live_delta += 1
-                records, pending = cut_records(state.pending, fragment.value, delimiter)
+                records, pending = cut_records(state.pending, value, delimiter)
                 seq = state.next_seq
                 if (
                     state.chunks
@@ -332,7 +334,7 @@ class PartitionBatch:
                     or (
                         max_buffer_bytes is not None
                         # Records and tail are cut from these bytes: under the cap, so are they.
-                        and len(state.pending) + len(fragment.value) > max_buffer_bytes
+                        and len(state.pending) + len(value) > max_buffer_bytes
                         and (
                             len(pending) > max_buffer_bytes or _longest(records) > max_buffer_bytes
                         )
@@ -345,10 +347,11 @@ class PartitionBatch:
                 else:
                     # The common case: a small session, records under the cap.
                     for record in records:
-                        out.append(OutRecord(key, record, (("seq", b"%d" % seq),)))
+                        out.append(new(OutRecord, (key, record, (("seq", b"%d" % seq),))))
                         seq += 1
                     # One microsecond per position keeps the sessions of a batch in arrival order.
-                    new_state = SessionState(offset, seq, now_us + position, pending)
+                    # SessionState(offset, seq, now_us + position, pending):
+                    new_state = new(SessionState, (offset, seq, now_us + position, pending, 0, 0))
             except CapacityReached as exc:
                 result.dead_letters.append(
                     DeadLetter(fragment, "capacity", type(exc).__name__, str(exc))

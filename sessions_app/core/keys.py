@@ -49,6 +49,8 @@ CHANGELOGGED = frozenset({BUFFER, CHUNK, MARKER, WATERMARK_KEY})
 LOCAL_ONLY = frozenset({IDLE, COUNT_KEY})
 
 _MS = struct.Struct(">q")
+#: The 8 bytes of an activity stamp in an idle-index key (callers clamp it at 0).
+pack_stamp = _MS.pack
 _COUNT = struct.Struct(">q")
 _MARKER = struct.Struct(">BqQ")
 _CHUNK_INDEX = struct.Struct(">I")

@@ -29,6 +29,7 @@ from typing import NamedTuple
 VERSION = 1
 CHUNKED = 2
 _HEADER = struct.Struct(">BqQq")
+_INLINE_FIELDS = struct.Struct(">qQq")  # a version-1 header after its version byte
 _CHUNKED = struct.Struct(">BqQqIQ")
 HEADER_SIZE = _HEADER.size
 CHUNKED_HEADER_SIZE = _CHUNKED.size
@@ -64,24 +65,21 @@ class SessionState(NamedTuple):
 
     def encode(self) -> bytes:
         """Return the stored form."""
-        if not self.chunks:
-            header = _HEADER.pack(VERSION, self.applied_offset, self.next_seq, self.last_seen_us)
-            return header + self.pending
-        return (
-            _CHUNKED.pack(
-                CHUNKED,
-                self.applied_offset,
-                self.next_seq,
-                self.last_seen_us,
-                self.chunks,
-                self.spilled,
-            )
-            + self.pending
-        )
+        applied_offset, next_seq, last_seen_us, pending, chunks, spilled = self
+        if not chunks:
+            return _HEADER.pack(VERSION, applied_offset, next_seq, last_seen_us) + pending
+        header = _CHUNKED.pack(CHUNKED, applied_offset, next_seq, last_seen_us, chunks, spilled)
+        return header + pending
 
     @classmethod
     def decode(cls, raw: bytes) -> SessionState:
         """Read the stored form; raise CorruptSessionState if it is not one."""
+        if len(raw) >= HEADER_SIZE and raw[0] == VERSION:
+            # The common case, read once per fragment: no NamedTuple __new__ in Python.
+            applied_offset, next_seq, last_seen_us = _INLINE_FIELDS.unpack_from(raw, 1)
+            return tuple.__new__(
+                cls, (applied_offset, next_seq, last_seen_us, raw[HEADER_SIZE:], 0, 0)
+            )
         if len(raw) < HEADER_SIZE:
             raise CorruptSessionState(
                 f"stored buffer is {len(raw)} bytes, shorter than the {HEADER_SIZE}-byte header"

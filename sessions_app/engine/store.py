@@ -154,19 +154,24 @@ def prepare_write(
     each state of `writes` in its stored form, as sent to the changelog.
     """
     batch = rocksdict.WriteBatch(raw_mode=True)
+    put, delete, found = batch.put, batch.delete, before.get
+    # Run once per session a batch touches: keys.idle_key and keys.buffer_key, inlined.
+    idle_prefix, buffer_prefix, stamp = keys.IDLE, keys.BUFFER, keys.pack_stamp
     delta = 0
     lowest: bytes | None = None
     for session_id, state in writes.items():
-        old = before.get(session_id)
+        old = found(session_id)
         if old is not None:
-            batch.delete(keys.idle_key(old.last_seen_us, session_id))
+            seen = old.last_seen_us
+            delete(idle_prefix + stamp(seen if seen > 0 else 0) + session_id)
             delta -= 1
         if state is None:
-            batch.delete(keys.buffer_key(session_id))
+            delete(buffer_prefix + session_id)
         else:
-            batch.put(keys.buffer_key(session_id), encoded[session_id])
-            idle = keys.idle_key(state.last_seen_us, session_id)
-            batch.put(idle, b"")
+            put(buffer_prefix + session_id, encoded[session_id])
+            seen = state.last_seen_us
+            idle = idle_prefix + stamp(seen if seen > 0 else 0) + session_id
+            put(idle, b"")
             if lowest is None or idle < lowest:
                 lowest = idle
             delta += 1
