@@ -84,10 +84,7 @@ class SessionState(NamedTuple):
             raise CorruptSessionState(
                 f"stored buffer is {len(raw)} bytes, shorter than the {HEADER_SIZE}-byte header"
             )
-        version = raw[0]
-        if version == VERSION:
-            _, applied_offset, next_seq, last_seen_us = _HEADER.unpack_from(raw)
-            return cls(applied_offset, next_seq, last_seen_us, raw[HEADER_SIZE:])
+        version = raw[0]  # not VERSION: that was read above
         if version == CHUNKED and len(raw) >= CHUNKED_HEADER_SIZE:
             _, applied_offset, next_seq, last_seen_us, chunks, spilled = _CHUNKED.unpack_from(raw)
             pending = raw[CHUNKED_HEADER_SIZE:]

@@ -32,3 +32,17 @@ def test_unknown_version_is_corrupt() -> None:
     raw[0] = 9
     with pytest.raises(CorruptSessionState, match="version 9"):
         SessionState.decode(bytes(raw))
+
+
+def test_the_stored_form_is_fixed() -> None:
+    """Buffers written by earlier versions, and the changelog, must stay readable."""
+    inline = bytes.fromhex("01000000000000000500000000000000070000000000000009") + b"ab"
+    assert SessionState(5, 7, 9, b"ab").encode() == inline
+    assert SessionState.decode(inline) == SessionState(5, 7, 9, b"ab")
+    chunked = (
+        bytes.fromhex("02fffffffffffffffe00000000000000030000000000000004")
+        + bytes.fromhex("000000020000000000000064")
+        + b"\r"
+    )
+    assert SessionState(-2, 3, 4, b"\r", 2, 100).encode() == chunked
+    assert SessionState.decode(chunked) == SessionState(-2, 3, 4, b"\r", 2, 100)

@@ -335,9 +335,29 @@ def test_chunks_are_written_and_rebuilt_from_the_changelog_without_counting_as_s
 def test_a_rebuild_indexes_a_stored_state_as_the_pipeline_does(
     last_seen: int, chunks: int, pending: bytes, session_id: bytes
 ) -> None:
-    stored = SessionState(7, 3, last_seen, pending, chunks, 100 * chunks).encode()
+    new = SessionState(7, 3, last_seen, pending, chunks, 100 * chunks)
+    stored = new.encode()
+    # The pipeline's write batch indexes the state under the key recovery derives.
+    prepared = prepare_write({session_id: new}, {session_id: None}, {session_id: stored})
+    assert prepared.lowest_idle == idle_key_of(stored, session_id)
     assert idle_key_of(stored, session_id) == keys.idle_key(last_seen, session_id)
     assert last_seen_of(stored) == last_seen
+
+
+@pytest.mark.parametrize("stamps", [(-1, 5), (-(2**63), -2), (0, -7), (3, 2**63 - 1)])
+def test_a_write_replaces_the_index_entry_of_any_stamp(db: Any, stamps: tuple[int, int]) -> None:
+    """Stamps below zero sort as zero; the entry the first write put, the second deletes."""
+    store = PartitionStore(db, OFFSET_KEY)
+    first, second = stamps
+
+    def index() -> list[bytes]:
+        return [key for key in db.keys(from_key=keys.IDLE) if key[:1] == keys.IDLE]
+
+    write(store, {b"s": state(first)}, changelog_offset=1)
+    assert index() == [keys.idle_key(first, b"s")]
+    write(store, {b"s": state(second)}, changelog_offset=2)
+    assert index() == [keys.idle_key(second, b"s")]
+    assert store.oldest(5) == [(max(second, 0), b"s")]
 
 
 def test_a_rebuild_indexes_no_unreadable_state() -> None:
