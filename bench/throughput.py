@@ -111,7 +111,7 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
 
 
 #: Groups of a sample's CPU that are not the contender's: the broker's process, and
-#: every CPU of the machine (busy seconds, whoever used them).
+#: every CPU of the machine (busy seconds, whoever used them, steal time included).
 BESIDE = ("broker", "machine")
 
 
@@ -141,8 +141,8 @@ def thread_groups(pid: int) -> dict[str, float]:
     return groups
 
 
-#: (monotonic time, offsets committed over all partitions, the contender's CPU seconds
-#: per thread group).
+#: (monotonic time, offsets committed over all partitions, CPU seconds: the contender's
+#: per thread group, the broker's, and the machine's busy seconds).
 Sample = tuple[float, int, dict[str, float]]
 
 
@@ -369,15 +369,16 @@ class Bench:
         assert broker is not None
 
         def contender_cpu() -> dict[str, float]:
+            sample = {"machine": machine_busy_seconds()}
+            with contextlib.suppress(OSError):  # a broker that is gone fails the run anyway
+                sample["broker"] = cpu_seconds(broker.pid)
             total: Counter[str] = Counter()
             try:
                 for process in processes:
                     total.update(thread_groups(child_pid(process.pid) if profiled else process.pid))
-                total["broker"] = cpu_seconds(broker.pid)
             except (OSError, IndexError, ValueError):  # not started yet, or gone
-                return {}
-            total["machine"] = machine_busy_seconds()
-            return dict(total)
+                return sample
+            return {**total, **sample}
 
         try:
             samples = asyncio.run(
@@ -469,9 +470,10 @@ def main() -> None:
                     f"{result.cpu_per_100k:>8.1f} CPU s/100k"
                     f" ({result.window_cpu_per_100k:.2f} in the window: "
                     + ", ".join(
-                        f"{g} {c:.2f}" for g, c in result.window_cpu.items() if g != "machine"
+                        f"{g} {c:.2f}" for g, c in result.window_cpu.items() if g not in BESIDE
                     )
-                    + f"; machine busy {result.machine_busy:.0%})  {result.output:>9,} out  "
+                    + f"; broker {result.window_cpu.get('broker', float('nan')):.2f},"
+                    f" machine busy {result.machine_busy:.0%})  {result.output:>9,} out  "
                     f"{result.verdict}",
                     flush=True,
                 )
@@ -499,13 +501,15 @@ def main() -> None:
             groups = {
                 g: [r.window_cpu.get(g, 0.0) for r in of_name]
                 for g in of_name[0].window_cpu
-                if g != "machine"
+                if g not in BESIDE
             }
+            broker = [r.window_cpu.get("broker", float("nan")) for r in of_name]
             busy = [r.machine_busy for r in of_name]
             print(
                 " " * 17
                 + "  CPU in the window by thread: "
                 + ", ".join(f"{g} {min(c):.2f}-{max(c):.2f}" for g, c in groups.items())
+                + f"; the broker's {min(broker):.2f}-{max(broker):.2f}"
                 + f"; machine busy {min(busy):.0%}-{max(busy):.0%}"
             )
     ours = [n for n in runs if n.startswith("sessions-app")]
