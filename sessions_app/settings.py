@@ -139,8 +139,14 @@ class Settings:
 
     @property
     def intake_depth(self) -> int:
-        """Return how many fetches may wait behind the batch being applied: enough for one."""
-        return max(1, self.batch_fragments // self.tuning.fetch_max_records - 1)
+        """Return how many fetches may wait behind the batch being applied.
+
+        A batch's worth and one more (three of 10,000 behind batches of 20,000; with the
+        fetch waiting to be queued, two batches). The consumer thread parses each fetch
+        beside the agent, sharing the interpreter lock with it: with only the next batch
+        queued, the agent waited about 33 ms of every 210 for it.
+        """
+        return max(1, self.batch_fragments // self.tuning.fetch_max_records + 1)
 
     @property
     def bootstrap_servers(self) -> list[str]:
