@@ -154,23 +154,21 @@ def prepare_write(
     each state of `writes` in its stored form, as sent to the changelog.
     """
     batch = rocksdict.WriteBatch(raw_mode=True)
+    # Run once per session a batch touches: the methods and key builders bound once.
     put, delete, found = batch.put, batch.delete, before.get
-    # Run once per session a batch touches: keys.idle_key and keys.buffer_key, inlined.
-    idle_prefix, buffer_prefix, stamp = keys.IDLE, keys.BUFFER, keys.pack_stamp
+    idle_key, buffer_key = keys.idle_key, keys.buffer_key
     delta = 0
     lowest: bytes | None = None
     for session_id, state in writes.items():
         old = found(session_id)
         if old is not None:
-            seen = old.last_seen_us
-            delete(idle_prefix + stamp(seen if seen > 0 else 0) + session_id)
+            delete(idle_key(old.last_seen_us, session_id))
             delta -= 1
         if state is None:
-            delete(buffer_prefix + session_id)
+            delete(buffer_key(session_id))
         else:
-            put(buffer_prefix + session_id, encoded[session_id])
-            seen = state.last_seen_us
-            idle = idle_prefix + stamp(seen if seen > 0 else 0) + session_id
+            put(buffer_key(session_id), encoded[session_id])
+            idle = idle_key(state.last_seen_us, session_id)
             put(idle, b"")
             if lowest is None or idle < lowest:
                 lowest = idle
